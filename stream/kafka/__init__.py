@@ -1,0 +1,1 @@
+"""Thin typed wrappers over confluent_kafka: clients, topics, lag."""

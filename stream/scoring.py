@@ -1,0 +1,100 @@
+"""Scoring: the Scorer protocol and OnnxScorer, which reads a model bundle.
+
+The bundle's `model.onnx` maps a left-padded window of item indices (B, max_len) to scores for
+every item index (B, num_items + 1). Top-k excludes padding and the items already in the window.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from export.bundle import Bundle
+from stream.errors import ScoringError
+
+logger = logging.getLogger(__name__)
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float32]
+
+
+class Scorer(Protocol):
+    model_version: str
+    max_len: int
+
+    def score(self, item_seq: IntArray) -> FloatArray: ...
+
+
+class OnnxScorer:
+    """onnxruntime session over a verified bundle."""
+
+    def __init__(self, bundle: Bundle, threads: int = 1) -> None:
+        self.bundle = bundle
+        self.model_version = bundle.model_version
+        self.max_len = bundle.max_len
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self._session = ort.InferenceSession(
+                str(bundle.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ScoringError(f"onnxruntime cannot load {bundle.model_path}: {exc}") from exc
+        self._check_contract()
+
+    def _check_contract(self) -> None:
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = [o.name for o in self._session.get_outputs()]
+        if "item_seq" not in inputs or "scores" not in outputs:
+            raise ScoringError(
+                f"model.onnx has inputs {sorted(inputs)} and outputs {outputs}; the bundle "
+                "contract needs input item_seq and output scores"
+            )
+        self._uses_time = "time_seq" in inputs
+
+    def score(self, item_seq: IntArray, time_seq: IntArray | None = None) -> FloatArray:
+        """(B, max_len) int64 -> (B, num_items + 1) float32."""
+        feeds = {"item_seq": item_seq}
+        if self._uses_time:
+            feeds["time_seq"] = time_seq if time_seq is not None else np.zeros_like(item_seq)
+        try:
+            (scores,) = self._session.run(["scores"], feeds)
+        except Exception as exc:
+            raise ScoringError(f"onnxruntime failed on a batch of {len(item_seq)}: {exc}") from exc
+        return np.asarray(scores, dtype=np.float32)
+
+
+def top_k(scores: FloatArray, item_seq: IntArray, k: int) -> tuple[IntArray, FloatArray]:
+    """Best k item indices per row, best first, excluding padding and the row's own items.
+
+    Rows with fewer than k candidates left are padded with index 0 / score -inf.
+    Modifies `scores` in place (the caller's scratch array).
+    """
+    # Column 0 is padding; item_seq holds 0 for padding, so this masks it too.
+    np.put_along_axis(scores, item_seq, -np.inf, axis=1)
+    scores[:, 0] = -np.inf
+    k = min(k, scores.shape[1] - 1)
+    # argpartition is O(N) per row; only the k winners get sorted.
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    best = np.take_along_axis(part, order, axis=1)
+    best_scores = np.take_along_axis(part_scores, order, axis=1)
+    best[~np.isfinite(best_scores)] = 0
+    return best.astype(np.int64), best_scores
+
+
+def left_pad(sequences: list[list[int]], max_len: int) -> IntArray:
+    """Left-padded (B, max_len) int64 window, most recent item last."""
+    out = np.zeros((len(sequences), max_len), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        tail = seq[-max_len:]
+        if tail:
+            out[row, max_len - len(tail) :] = tail
+    return out
