@@ -177,9 +177,7 @@ def write_bundle(
         write_items_csv(staging / ITEMS, items)
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, staging / name)
-        files = {
-            p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.name != MANIFEST
-        }
+        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.name != MANIFEST}
         manifest = Manifest(
             model_name=model_name,
             model_version=model_version,
