@@ -111,9 +111,12 @@ def _validate(
             return Invalid("empty_field", name)
         if len(field) > limits.max_id_length:
             return Invalid("field_too_long", f"{name} has {len(field)} chars")
-    # bool is an int subclass in Python; a JSON true is not a timestamp.
+    # JSON has one number type: 1.7e12 is an integer to JSON Schema (and to JavaScript
+    # producers), so integral floats are accepted. bool is an int subclass; true is no timestamp.
+    if isinstance(ts, float) and ts.is_integer():
+        ts = int(ts)
     if not isinstance(ts, int) or isinstance(ts, bool):
-        return Invalid("wrong_type", f"ts must be an integer (epoch ms), got {type(ts).__name__}")
+        return Invalid("wrong_type", f"ts must be an integer (epoch ms), got {ts!r:.40}")
     event_type = raw.get("event_type", "click")
     if not isinstance(event_type, str):
         return Invalid("wrong_type", "event_type must be a string")

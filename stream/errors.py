@@ -6,7 +6,8 @@ StreamError
  ├── KafkaError             a Kafka operation failed; keeps librdkafka's error code
  │    └── DeliveryError     a produced record was not acknowledged
  ├── StateError             the RocksDB session store cannot be opened or written
- └── ScoringError           the ONNX session rejected a batch or the bundle does not fit
+ ├── ScoringError           the ONNX session rejected a batch or the bundle does not fit
+ └── InvalidEventError      the producer API refused an event (carries the DLQ reason)
 """
 
 from __future__ import annotations
@@ -42,3 +43,11 @@ class StateError(StreamError):
 
 class ScoringError(StreamError):
     """The scorer could not score a batch."""
+
+
+class InvalidEventError(StreamError):
+    """The producer API refused an event; `reason` is the dead-letter reason it would get."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"invalid click event ({reason}): {detail}")
+        self.reason = reason

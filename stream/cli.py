@@ -1,0 +1,292 @@
+"""`streamrec`: one command, many subcommands.
+
+Serving subcommands need only the serving core; `train`, `evaluate` and `export` import torch
+inside their handlers, so `streamrec --help` and `streamrec run` work without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from export.bundle import load_bundle
+from export.errors import ExportError
+from stream.config import ProcessorSettings
+from stream.errors import StreamError
+from stream.logs import setup_logging
+
+logger = logging.getLogger("streamrec")
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _kafka_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers, host:port[,...]")
+    p.add_argument("--config", type=Path, help="JSON settings file (below env and flags)")
+    p.add_argument("--clicks-topic")
+    p.add_argument("--recs-topic")
+    p.add_argument("--dlq-topic")
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(args: argparse.Namespace, **flags: Any) -> ProcessorSettings:
+    """Defaults < config file < STREAMREC_* environment < command-line flags."""
+    merged: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        merged = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    merged = _deep_merge(merged, ProcessorSettings().model_dump(exclude_unset=True))
+    cli: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
+    if getattr(args, "bootstrap_servers", None):
+        cli["kafka"] = {"bootstrap_servers": args.bootstrap_servers}
+    topics = {
+        name: getattr(args, f"{name}_topic", None)
+        for name in ("clicks", "recs", "dlq")
+        if getattr(args, f"{name}_topic", None)
+    }
+    if getattr(args, "partitions", None):
+        topics["partitions"] = args.partitions
+    if topics:
+        cli["topics"] = topics
+    return ProcessorSettings(**_deep_merge(merged, cli))
+
+
+def _install_stop(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: object) -> None:
+        logger.info("received %s: finishing the current batch", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+# -- handlers --------------------------------------------------------------------------------
+def cmd_broker(args: argparse.Namespace) -> int:
+    from stream.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(port=args.port, host=args.host)
+    stopping: list[int] = []
+    _install_stop(lambda: stopping.append(1))
+    with broker:
+        print(f"embedded broker (Tansu) ready on {broker.bootstrap_servers}", flush=True)
+        while not stopping and broker.running():
+            time.sleep(0.2)
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from stream.kafka.admin import create_topics
+
+    settings = load_settings(args)
+    result = create_topics(settings.kafka, settings.topics)
+    for name, outcome in result.items():
+        print(f"{name}: {outcome}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from stream.synthetic import SyntheticConfig, generate, write_dataset
+
+    config = SyntheticConfig(num_users=args.users, num_items=args.items, seed=args.seed)
+    items, clicks = generate(config)
+    write_dataset(args.out, items, clicks, config)
+    print(f"wrote {len(items)} items and {len(clicks)} clicks to {args.out}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from stream.producer import ClickProducer
+    from stream.replay import iter_source, replay
+
+    settings = load_settings(args)
+    stopping: list[int] = []
+    _install_stop(lambda: stopping.append(1))
+    producer = ClickProducer(settings.kafka, settings.topics.clicks, settings.limits)
+    report = replay(
+        iter_source(args.source),
+        producer,
+        rate=args.rate,
+        limit=args.limit,
+        keep_ts=args.keep_ts,
+        bad_ratio=args.bad_ratio,
+        should_stop=lambda: bool(stopping),
+    )
+    print(
+        f"sent {report.sent} events (+{report.malformed} malformed) in {report.seconds:.1f}s "
+        f"({report.rate:.0f} events/s)"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stream.processor import Processor
+
+    settings = load_settings(
+        args,
+        bundle=args.bundle,
+        state_dir=args.state_dir,
+        group=args.group,
+        top_k=args.top_k,
+        batch_max=args.batch_max,
+        onnx_threads=args.onnx_threads,
+    )
+    logger.info("kafka: %s", settings.kafka.redacted())
+    processor = Processor(settings)
+    _install_stop(processor.stop)
+    processor.run()
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from stream.watch import Watcher, run_watch
+
+    settings = load_settings(args, group=args.group)
+    titles = _titles(args.bundle)
+    watcher = Watcher(settings.kafka, settings.topics, settings.group, follow=args.follow)
+    stopping: list[int] = []
+    _install_stop(lambda: stopping.append(1))
+    run_watch(watcher, titles, args.duration, should_stop=lambda: bool(stopping))
+    return 0
+
+
+def cmd_lag(args: argparse.Namespace) -> int:
+    from stream.kafka.lag import LagProbe
+
+    settings = load_settings(args, group=args.group)
+    with LagProbe(settings.kafka, settings.group, settings.topics.clicks) as probe:
+        probe.wait_until_fetched(10)
+        rows = probe.snapshot()
+    print(f"{'TOPIC':<16}{'PARTITION':>10}{'COMMITTED':>12}{'END':>12}{'LAG':>10}")
+    for r in rows:
+        print(
+            f"{settings.topics.clicks:<16}{r.partition:>10}{_dash(r.committed):>12}"
+            f"{_dash(r.end):>12}{_dash(r.lag):>10}"
+        )
+    print(f"total lag: {sum(r.lag or 0 for r in rows)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stream.demo import DemoConfig, run_demo
+
+    return run_demo(
+        DemoConfig(
+            workdir=args.workdir,
+            duration_s=args.duration,
+            rate=args.rate,
+            train_seconds=args.train_seconds,
+            partitions=args.partitions or 6,
+        )
+    )
+
+
+def _dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _titles(bundle: Path | None) -> dict[str, str]:
+    return {} if bundle is None else load_bundle(bundle).title_map()
+
+
+# -- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamrec", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-json", action="store_true", help="JSON lines on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("broker", help="run the embedded Tansu broker in the foreground")
+    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("topics", help="topic administration")
+    tsub = p.add_subparsers(dest="topics_command", required=True)
+    c = tsub.add_parser("create", help="create clicks, recs (compacted) and DLQ topics")
+    _kafka_args(c)
+    c.add_argument("--partitions", type=int, help="partitions per topic (default 6)")
+    c.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser("generate", help="write the seeded synthetic catalogue and clicks")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--users", type=int, default=3000)
+    p.add_argument("--items", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("replay", help="replay a click data set into the input topic")
+    _kafka_args(p)
+    p.add_argument("--source", default="synthetic", help="synthetic | DIR | FILE.csv | FILE.jsonl")
+    p.add_argument("--rate", type=float, default=500.0, help="events/s (0 = unthrottled)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--keep-ts", action="store_true", help="keep the file's timestamps")
+    p.add_argument("--bad-ratio", type=float, default=0.0, help="inject malformed records")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("run", help="run the stream processor")
+    _kafka_args(p)
+    p.add_argument("--bundle", type=Path)
+    p.add_argument("--state-dir", type=Path)
+    p.add_argument("--group")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--batch-max", type=int)
+    p.add_argument("--onnx-threads", type=int)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("watch", help="live view: top-k lists, throughput, lag, DLQ")
+    _kafka_args(p)
+    p.add_argument("--group")
+    p.add_argument("--bundle", type=Path, help="bundle whose items.csv gives titles")
+    p.add_argument("--duration", type=float, help="seconds (default: until Ctrl-C)")
+    p.add_argument("--follow", type=int, default=4, help="users to show")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("lag", help="per-partition committed offset, end offset and lag")
+    _kafka_args(p)
+    p.add_argument("--group")
+    p.set_defaults(func=cmd_lag)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded broker, live")
+    p.add_argument("--workdir", type=Path, default=Path(".demo"))
+    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--rate", type=float, default=300.0)
+    p.add_argument("--train-seconds", type=float, default=60.0)
+    p.add_argument("--partitions", type=int)
+    p.set_defaults(func=cmd_demo)
+
+    # The model and export commands register themselves; they import torch only when run.
+    from export.cli import add_commands as add_export_commands
+    from model.cli import add_commands as add_model_commands
+
+    add_model_commands(sub)
+    add_export_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_json)
+    handler: Handler = args.func
+    try:
+        return handler(args)
+    except (StreamError, ExportError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Consumer-group lag that is right on the embedded broker too.
+
+Tansu 0.6.0 answers list-offsets (`get_watermark_offsets`, `list_offsets(latest)`) with the
+start of the last record batch + 1, so lag computed from it is too small. The high watermark
+carried in every fetch response is right, and librdkafka caches it: `LagProbe` keeps a
+non-committing consumer fetching the topic's tail and reads that cached value. On Apache Kafka
+both agree, so the same code serves both.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from types import TracebackType
+
+from confluent_kafka import OFFSET_END, Consumer, Message, TopicPartition
+
+from stream.config import KafkaSettings
+from stream.kafka.admin import partition_count
+from stream.kafka.clients import make_consumer
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    partition: int
+    committed: int | None  # None: the group has committed nothing on this partition yet
+    end: int | None  # None: no fetch has reported the high watermark yet
+    start: int
+
+    @property
+    def lag(self) -> int | None:
+        if self.end is None:
+            return None
+        return max(self.end - (self.committed if self.committed is not None else self.start), 0)
+
+
+class LagProbe:
+    """Reads the group's committed offsets and the topic's true end offsets. Never commits."""
+
+    def __init__(self, kafka: KafkaSettings, group: str, topic: str) -> None:
+        self.topic = topic
+        self.partitions = [TopicPartition(topic, p) for p in range(partition_count(kafka, topic))]
+        # group.id names the group whose commits we read; assign() (not subscribe) means this
+        # consumer never joins that group, so it cannot steal partitions or commit.
+        self._consumer: Consumer = make_consumer(
+            kafka, group, **{"enable.partition.eof": False, "fetch.wait.max.ms": 200}
+        )
+        self._consumer.assign(
+            [TopicPartition(topic, tp.partition, OFFSET_END) for tp in self.partitions]
+        )
+        self.consumed = 0
+
+    def pump(self, timeout_s: float = 0.0) -> list[Message]:
+        """Drive fetches (and so the cached high watermarks); returns the records seen."""
+        msgs = self._consumer.consume(10_000, timeout=timeout_s)
+        self.consumed += len(msgs)
+        return msgs
+
+    def snapshot(self, timeout_s: float = 5.0) -> list[PartitionLag]:
+        committed = self._consumer.committed(self.partitions, timeout=timeout_s)
+        out = []
+        for tp, done in zip(self.partitions, committed, strict=True):
+            low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            out.append(
+                PartitionLag(
+                    partition=tp.partition,
+                    committed=done.offset if done.offset >= 0 else None,
+                    end=high if high >= 0 else None,
+                    start=max(low, 0),
+                )
+            )
+        return out
+
+    def wait_until_fetched(self, timeout_s: float = 10.0) -> bool:
+        """Pump until every partition has reported a high watermark."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.pump(0.1)
+            if all(p.end is not None for p in self.snapshot()):
+                return True
+        return False
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> LagProbe:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

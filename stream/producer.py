@@ -1,0 +1,84 @@
+"""The producer API: validated click events, keyed by user, through an idempotent producer.
+
+    with ClickProducer(KafkaSettings(bootstrap_servers="localhost:9092")) as clicks:
+        clicks.send("u42", "i0017")            # ts defaults to now (epoch ms)
+
+Events are checked against the click schema v1 before they leave the process (the item
+catalogue is the processor's business: unknown items are dead-lettered there).
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+
+from stream.codec import ClickEvent, Invalid, decode_click
+from stream.config import CodecLimits, KafkaSettings
+from stream.errors import InvalidEventError
+from stream.kafka.clients import DeliveryTracker, make_producer
+
+
+class _Anything:
+    """A catalogue that contains every item (the producer does not know the bundle)."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+class ClickProducer:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topic: str = "clicks",
+        limits: CodecLimits | None = None,
+    ) -> None:
+        self.topic = topic
+        self.limits = limits or CodecLimits()
+        self._delivery = DeliveryTracker(make_producer(kafka))
+        self.sent = 0
+
+    def send(
+        self, user_id: str, item_id: str, ts: int | None = None, event_type: str = "click"
+    ) -> ClickEvent:
+        """Validate and enqueue one event; raises InvalidEventError with the DLQ reason."""
+        now = time.time_ns() // 1_000_000
+        event = ClickEvent(user_id, item_id, now if ts is None else ts, event_type)
+        return self.send_event(event, now_ms=now)
+
+    def send_event(self, event: ClickEvent, now_ms: int | None = None) -> ClickEvent:
+        payload = event.to_json()
+        key = event.user_id.encode("utf-8") if isinstance(event.user_id, str) else None
+        checked = decode_click(
+            key,
+            payload,
+            known_items=_Anything(),
+            now_ms=now_ms if now_ms is not None else time.time_ns() // 1_000_000,
+            limits=self.limits,
+        )
+        if isinstance(checked, Invalid):
+            raise InvalidEventError(checked.reason, checked.detail)
+        self._delivery.produce(self.topic, key, payload)
+        self._delivery.producer.poll(0)
+        self.sent += 1
+        return checked
+
+    def send_raw(self, key: bytes | None, value: bytes | None) -> None:
+        """Unvalidated bytes (tests and the demo's malformed-event injection)."""
+        self._delivery.produce(self.topic, key, value)
+        self._delivery.producer.poll(0)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until everything sent is acknowledged; raises DeliveryError otherwise."""
+        self._delivery.flush(timeout_s)
+
+    def __enter__(self) -> ClickProducer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.flush()
