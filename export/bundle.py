@@ -112,6 +112,10 @@ class Bundle:
     def num_items(self) -> int:
         return self.manifest.num_items
 
+    def title_map(self) -> dict[str, str]:
+        """item_id -> title."""
+        return dict(zip(self.item_ids[1:], self.titles[1:], strict=True))
+
     def item_index(self) -> dict[str, int]:
         """item_id -> index (1..num_items)."""
         return {item_id: i for i, item_id in enumerate(self.item_ids) if i > 0}

@@ -1,0 +1,49 @@
+# streamrec: `make demo` and `make test` work on a fresh clone (they build .venv themselves).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: env demo test test-unit test-integration lint format bench eval clean
+
+# torch is installed first and pinned: any other spec pulls GBs of CUDA wheels on this box.
+# click<8.4: sentence-transformers (issue 5) would otherwise upgrade it past faust's pin.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,dev]' 'click<8.4'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+demo: env
+	$(BIN)/streamrec demo
+
+test: env
+	$(BIN)/pytest -q
+
+test-unit: env
+	$(BIN)/pytest -q tests/unit
+
+test-integration: env
+	$(BIN)/pytest -q tests/integration
+
+lint: env
+	$(BIN)/ruff check stream model export tests benchmarks
+	$(BIN)/ruff format --check stream model export tests benchmarks
+	$(BIN)/mypy stream export
+
+format: env
+	$(BIN)/ruff check --fix stream model export tests benchmarks
+	$(BIN)/ruff format stream model export tests benchmarks
+
+# Speed benchmarks: JSON in benchmarks/results/, summarised in BENCHMARKS.md.
+bench: env
+	$(BIN)/python -m benchmarks.pipeline --out benchmarks/results/pipeline.json
+
+# Model quality (issue 4 grows this into the full ML-1M table).
+eval: env
+	@echo "make eval: the ML-1M evaluation table arrives with the model issue (#4)"; exit 2
+
+clean:
+	rm -rf .demo .pytest_cache .mypy_cache .ruff_cache
