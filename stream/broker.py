@@ -13,9 +13,11 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from confluent_kafka.admin import AdminClient
 
@@ -69,6 +71,8 @@ class EmbeddedBroker:
         self.host = host
         self.port = port or free_port(host)
         self._proc: subprocess.Popen[bytes] | None = None
+        # Tansu's own log goes to a file: an undrained pipe would block it once full.
+        self._log: IO[bytes] | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -88,18 +92,28 @@ class EmbeddedBroker:
         ]
         logger.info("starting embedded broker on %s", self.bootstrap_servers)
         # Its own process group: Ctrl-C in a terminal reaches us, and we stop it in order.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the broker; closed in stop()
         self._proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
             wait_for_metadata(self.bootstrap_servers, timeout_s)
-        except BrokerError:
+            if self._proc.poll() is not None:
+                raise BrokerError(f"tansu exited with {self._proc.returncode}")
+        except BrokerError as exc:
+            tail = self.log_tail()
             self.stop()
-            raise
-        if self._proc.poll() is not None:
-            raise BrokerError(f"tansu exited with {self._proc.returncode} (port {self.port} busy?)")
+            raise BrokerError(f"{exc} (port {self.port} busy?); tansu said: {tail}") from exc
         logger.info("embedded broker ready on %s (pid %d)", self.bootstrap_servers, self.pid)
         return self
+
+    def log_tail(self, limit: int = 2000) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0, os.SEEK_END)
+        size = self._log.tell()
+        self._log.seek(max(size - limit, 0))
+        return self._log.read().decode("utf-8", "replace")
 
     @property
     def pid(self) -> int:
@@ -124,6 +138,9 @@ class EmbeddedBroker:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         proc, self._proc = self._proc, None
+        log, self._log = self._log, None
+        if log is not None:
+            log.close()
         if proc is None or proc.poll() is not None:
             return
         os.kill(proc.pid, signal.SIGCONT)  # a paused broker cannot handle SIGTERM
@@ -134,8 +151,6 @@ class EmbeddedBroker:
             logger.warning("broker did not stop in %ss; killing it", timeout_s)
             proc.kill()
             proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
         logger.info("embedded broker stopped")
 
     def __enter__(self) -> EmbeddedBroker:

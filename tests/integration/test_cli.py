@@ -34,13 +34,13 @@ def test_broker_command_serves_metadata_and_stops_on_sigterm() -> None:
     try:
         wait_for_metadata(f"127.0.0.1:{port}", timeout_s=20)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-        out = (proc.stdout.read() if proc.stdout else b"").decode()
-        assert f"127.0.0.1:{port}" in out
+        out, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 0
+        assert f"127.0.0.1:{port}" in out.decode()
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.communicate()
     # The broker child went with it: nothing answers on the port any more.
     deadline = Timeout(10)
     admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0})
