@@ -30,6 +30,10 @@ class KafkaSettings(BaseModel):
     # on the embedded broker took 23 s with defaults and 3 s with these.
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 500
+    # The embedded broker answers a fetch only when fetch.wait.max.ms expires, even when data
+    # arrived earlier (measured: p50 delivery 232 ms at librdkafka's 500, 1.2 ms at 20). Apache
+    # Kafka answers as soon as data is there, so the low value only costs idle fetch requests.
+    fetch_wait_max_ms: int = 20
     # Anything else librdkafka understands, passed through verbatim; never logged (secrets).
     extra: dict[str, str] = Field(default_factory=dict)
 
@@ -60,6 +64,7 @@ class KafkaSettings(BaseModel):
             "auto.offset.reset": "earliest",
             "session.timeout.ms": self.session_timeout_ms,
             "heartbeat.interval.ms": self.heartbeat_interval_ms,
+            "fetch.wait.max.ms": self.fetch_wait_max_ms,
             # Partitions that stay put keep flowing while others move between processes.
             "partition.assignment.strategy": "cooperative-sticky",
         }

@@ -118,9 +118,7 @@ class Watcher:
         self.state = WatchState(follow=follow)
         self.probe = LagProbe(kafka, group, topics.clicks)
         self.topics = topics
-        self._consumer: Consumer = make_consumer(
-            kafka, f"{group}.watch", **{"fetch.wait.max.ms": 100}
-        )
+        self._consumer: Consumer = make_consumer(kafka, f"{group}.watch")
         assignment = [
             TopicPartition(topics.recs, p, OFFSET_END)
             for p in range(partition_count(kafka, topics.recs))

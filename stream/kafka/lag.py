@@ -42,9 +42,7 @@ class LagProbe:
         self.partitions = [TopicPartition(topic, p) for p in range(partition_count(kafka, topic))]
         # group.id names the group whose commits we read; assign() (not subscribe) means this
         # consumer never joins that group, so it cannot steal partitions or commit.
-        self._consumer: Consumer = make_consumer(
-            kafka, group, **{"enable.partition.eof": False, "fetch.wait.max.ms": 200}
-        )
+        self._consumer: Consumer = make_consumer(kafka, group)
         self._consumer.assign(
             [TopicPartition(topic, tp.partition, OFFSET_END) for tp in self.partitions]
         )
