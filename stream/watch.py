@@ -29,6 +29,7 @@ from stream.kafka.lag import LagProbe, PartitionLag
 class _UserView:
     record: dict[str, object]
     updates: int = 1
+    last_click: str = ""
     seen_at: float = field(default_factory=time.monotonic)
 
 
@@ -54,6 +55,16 @@ class WatchState:
             view.record, view.updates, view.seen_at = rec, view.updates + 1, time.monotonic()
         elif len(self.users) < self.follow:
             self.users[user] = _UserView(rec)
+
+    def on_click(self, value: bytes | None) -> None:
+        """Remember a followed user's latest click, to show next to their list."""
+        try:
+            click = orjson.loads(value or b"")
+            view = self.users.get(str(click["user_id"]))
+        except (orjson.JSONDecodeError, TypeError, KeyError):
+            return  # malformed input is the DLQ's business, not the view's
+        if view is not None:
+            view.last_click = str(click.get("item_id", ""))
 
     def on_lag(self, lag: list[PartitionLag]) -> None:
         self.lag = lag
@@ -101,8 +112,14 @@ def render(state: WatchState, titles: dict[str, str], top: int = 5) -> Group:
                 str(entry["rank"]), f"{title} [dim]{item_id}[/dim]", f"{entry['score']:.2f}"
             )
         age = time.monotonic() - view.seen_at
+        clicked = titles.get(view.last_click, view.last_click) or "-"
         panels.append(
-            Panel(table, title=f"{user} · {view.updates} updates · {age:.0f}s ago", expand=True)
+            Panel(
+                table,
+                title=f"{user} · {view.updates} updates · {age:.0f}s ago",
+                subtitle=f"last click: {clicked}",
+                expand=True,
+            )
         )
     return Group(Panel(header, title="streamrec watch"), lag, *panels)
 
@@ -138,7 +155,8 @@ class Watcher:
             elif msg.topic() == self.topics.dlq:
                 reason = dict(msg.headers() or []).get("streamrec.dlq.reason") or b"?"
                 self.state.dlq[reason.decode() if isinstance(reason, bytes) else reason] += 1
-        self.probe.pump(0)
+        for msg in self.probe.pump(0):
+            self.state.on_click(msg.value())
         if time.monotonic() - self._last_lag > 0.5:
             self._last_lag = time.monotonic()
             self.state.on_lag(self.probe.snapshot())
