@@ -129,6 +129,14 @@ class ProcessorSettings(BaseSettings):
     # Session length kept per user; None = the bundle's max_len.
     session_max_len: int | None = None
     log_every_s: float = 10.0
+    # /metrics, /livez, /readyz. Loopback unless asked: metrics reveal topology and traffic.
+    # "" disables the server.
+    metrics_addr: str = "127.0.0.1:9108"
+    # A bundle directory, or a models root holding versioned bundles and a CURRENT pointer
+    # file naming the one to serve; a root is re-read every reload_check_s for hot swaps.
+    reload_check_s: float = 2.0
+    # /livez fails when the loop has not turned for this long (a stuck poll or scoring call).
+    liveness_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
