@@ -1,0 +1,53 @@
+"""`streamrec export`: checkpoint -> verified model bundle.
+
+Importing this module must not import torch (see model/cli.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from model.cli import torch_missing
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register `export` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "export", help="export a checkpoint to ONNX, check parity, write a model bundle"
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="ckpt.pt from `streamrec train`")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory (replaced if present)")
+    p.add_argument("--model-version", help="default: sasrec-<UTC time>-<weights sha256 prefix>")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    if torch_missing():
+        return 1
+    from export.bundle import load_bundle
+    from export.errors import ExportError
+    from export.onnx_export import export_bundle
+    from model.errors import ModelError
+
+    try:
+        path = export_bundle(
+            args.checkpoint, args.out, model_version=args.model_version, opset=args.opset
+        )
+        bundle = load_bundle(path)
+    except (ExportError, ModelError) as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return 1
+    summary = {
+        "bundle": str(path),
+        "model_version": bundle.model_version,
+        "num_items": bundle.num_items,
+        "max_len": bundle.max_len,
+        "onnx_parity_max_abs_diff": bundle.manifest.metrics.get("onnx_parity_max_abs_diff"),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,185 @@
+"""`streamrec train` and `streamrec evaluate`.
+
+Importing this module must not import torch: `streamrec --help` works in a serving install,
+and the handlers import the training stack only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+TRAIN_EXTRA = "this command needs the training extra: pip install 'streamrec[train]'"
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register `train` and `evaluate` on an argparse subparsers object."""
+    _add_train(subparsers)
+    _add_evaluate(subparsers)
+
+
+def _add_train(subparsers: Any) -> None:
+    p = subparsers.add_parser("train", help="train SASRec on a data set, keep the best checkpoint")
+    p.add_argument("--data", required=True, help="synthetic:DIR, ml-1m:PATH or video:PATH")
+    p.add_argument("--out", required=True, type=Path, help="run directory (ckpt.pt goes here)")
+    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--positions", choices=("first", "slot"), default="first")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-seconds", type=float, default=None, help="wall-clock budget")
+    p.add_argument("--eval-every", type=int, default=1, help="epochs between validations")
+    p.add_argument("--patience", type=int, default=10, help="validations without improvement")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+
+def _add_evaluate(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="full-ranking metrics of a checkpoint, a bundle or popularity, as JSON"
+    )
+    p.add_argument("--data", required=True, help="synthetic:DIR, ml-1m:PATH or video:PATH")
+    p.add_argument("--checkpoint", type=Path, help="a ckpt.pt written by `streamrec train`")
+    p.add_argument("--bundle", type=Path, help="a bundle directory, scored through onnxruntime")
+    p.add_argument("--baseline", choices=("popularity",), help="also score a baseline")
+    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_evaluate)
+
+
+def torch_missing() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        print(TRAIN_EXTRA, file=sys.stderr)
+        return True
+    return False
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+
+def _train(args: argparse.Namespace) -> int:
+    if torch_missing():
+        return 1
+    from model.config import SASRecConfig, TrainConfig
+    from model.data import load_dataset
+    from model.errors import ModelError
+    from model.train import load_checkpoint, train
+
+    _setup_logging()
+    try:
+        dataset = load_dataset(args.data)
+        model_cfg = SASRecConfig(
+            num_items=dataset.num_items,
+            max_len=args.max_len,
+            d_model=args.d_model,
+            n_blocks=args.blocks,
+            n_heads=args.heads,
+            dropout=args.dropout,
+            positions=args.positions,
+        )
+        train_cfg = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+            threads=args.threads,
+            max_seconds=args.max_seconds,
+            eval_every=args.eval_every,
+            patience=args.patience,
+        )
+        path = train(
+            dataset,
+            model_cfg,
+            train_cfg,
+            args.out,
+            progress=not args.no_progress,
+            resume=args.resume,
+        )
+        ckpt = load_checkpoint(path)
+    except ModelError as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 1
+    summary = {"checkpoint": str(path), "best_epoch": ckpt["epoch"], **ckpt["metrics"]}
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if args.checkpoint is None and args.bundle is None and args.baseline is None:
+        print("evaluate: give --checkpoint, --bundle and/or --baseline", file=sys.stderr)
+        return 2
+    if args.checkpoint is not None and torch_missing():
+        return 1
+    from export.errors import ExportError
+    from model.data import load_dataset
+    from model.errors import ModelError
+
+    _setup_logging()
+    try:
+        dataset = load_dataset(args.data)
+        results = {name: score(dataset, args) for name, score in _sources(args).items()}
+    except (ModelError, ExportError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"split": args.split, **results}, indent=2, sort_keys=True))
+    return 0
+
+
+def _sources(args: argparse.Namespace) -> dict[str, Any]:
+    sources: dict[str, Any] = {}
+    if args.checkpoint is not None:
+        sources["checkpoint"] = _score_checkpoint
+    if args.bundle is not None:
+        sources["bundle"] = _score_bundle
+    if args.baseline == "popularity":
+        sources["popularity"] = _score_popularity
+    return sources
+
+
+def _score_checkpoint(dataset: Any, args: argparse.Namespace) -> dict[str, float]:
+    import torch
+
+    from model.errors import CheckpointError
+    from model.evaluate import evaluate_model
+    from model.train import load_checkpoint, model_from_checkpoint
+
+    torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.checkpoint)
+    if list(ckpt["item_ids"]) != list(dataset.item_ids):
+        raise CheckpointError(f"{args.checkpoint} was trained on another item catalogue")
+    return evaluate_model(model_from_checkpoint(ckpt), dataset, args.split, args.batch_size)
+
+
+def _score_bundle(dataset: Any, args: argparse.Namespace) -> dict[str, float]:
+    from export.bundle import load_bundle
+    from export.errors import BundleError
+    from model.evaluate import evaluate_scores_fn, onnx_score_fn
+
+    bundle = load_bundle(args.bundle)
+    if bundle.item_ids[1:] != tuple(dataset.item_ids):
+        raise BundleError(f"{args.bundle} lists another item catalogue than {args.data}")
+    score_fn = onnx_score_fn(bundle.model_path, args.threads)
+    return evaluate_scores_fn(score_fn, dataset, args.split, bundle.max_len, args.batch_size)
+
+
+def _score_popularity(dataset: Any, args: argparse.Namespace) -> dict[str, float]:
+    from model.evaluate import evaluate_scores_fn, popularity_score_fn
+
+    return evaluate_scores_fn(popularity_score_fn(dataset), dataset, args.split, 1, args.batch_size)

@@ -1,0 +1,86 @@
+"""Model and training configuration, saved inside checkpoints and bundle manifests."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from model.errors import ConfigError
+
+Positions = Literal["slot", "first"]
+
+
+@dataclass(frozen=True)
+class SASRecConfig:
+    num_items: int  # items are indexed 1..num_items; index 0 is padding
+    max_len: int = 50  # window length; the serving contract feeds exactly this many slots
+    d_model: int = 64  # embedding width, shared by the tied output layer
+    n_blocks: int = 2  # Transformer blocks
+    n_heads: int = 1  # attention heads; d_model must divide evenly
+    dropout: float = 0.2  # on embeddings and residual branches, never on attention weights
+    ffn_mult: int = 1  # FFN width = ffn_mult * d_model; SASRec's point-wise FFN keeps d_model
+    # "slot": learned embedding of the window slot, right-aligned (the newest item is always
+    # max_len - 1), as in SASRec. "first": counted from the first real item of the window, so a
+    # position does not move when a click is appended until the window is full (DESIGN.md).
+    positions: Positions = "first"
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _positive(self, ("num_items", "max_len", "d_model", "n_blocks", "n_heads", "ffn_mult"))
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.positions not in ("slot", "first"):
+            raise ConfigError(f"positions must be 'slot' or 'first', got {self.positions!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SASRecConfig:
+        return cls(**_known(cls, raw))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200  # upper bound; max_seconds or patience usually stops earlier
+    batch_size: int = 128  # users per step (one window of max_len targets each)
+    lr: float = 1e-3  # Adam learning rate, as in SASRec
+    weight_decay: float = 0.0  # AdamW decoupled decay; SASRec trains without it
+    seed: int = 42  # model init, dropout and the per-epoch shuffle
+    threads: int = 2  # torch.set_num_threads: the box has 2 cores shared with others
+    max_seconds: float | None = None  # wall-clock budget checked between steps; None = no budget
+    eval_every: int = 1  # epochs between validation passes
+    patience: int = 10  # validation passes without a better NDCG@10 before stopping
+    eval_batch_size: int = 512  # users per scoring call during evaluation
+
+    def __post_init__(self) -> None:
+        _positive(self, ("epochs", "batch_size", "threads", "eval_every", "patience"))
+        _positive(self, ("eval_batch_size",))
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError(
+                f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
+            )
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ConfigError(f"max_seconds must be positive or None, got {self.max_seconds}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        return cls(**_known(cls, raw))
+
+
+def _positive(cfg: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 1:
+            raise ConfigError(f"{type(cfg).__name__}.{name} must be >= 1, got {value}")
+
+
+def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    # Checkpoints written by a newer version may carry extra keys; unknown ones are dropped.
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}

@@ -1,0 +1,215 @@
+"""Interaction data sets, leave-one-out splits and left-padded windows (numpy only, no torch).
+
+Specs accepted by `load_dataset`:
+    synthetic:DIR   DIR/items.csv (item_id,title,genres) and DIR/clicks.csv (user_id,item_id,ts)
+    ml-1m:PATH      SASRec text format: lines "user item", 1-based ints, chronological per user
+    video:PATH      same format (SASRec's Amazon Video preprocessing)
+
+Item index i (1..N) is `item_ids[i - 1]`; index 0 is padding everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from model.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+Split = Literal["valid", "test"]
+SASREC_KINDS = ("ml-1m", "video")
+
+
+@dataclass(frozen=True)
+class SequenceDataset:
+    """Per-user chronological item-index sequences plus the item catalogue."""
+
+    item_ids: tuple[str, ...]  # external id of item index i + 1
+    titles: tuple[str, ...]  # parallel to item_ids; "" where unknown
+    user_ids: tuple[str, ...]
+    sequences: tuple[np.ndarray, ...]  # int64 item indices 1..N, oldest first, one per user
+    timestamps: tuple[np.ndarray, ...] | None = None  # epoch ms parallel to sequences, if known
+    description: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def items(self) -> list[tuple[str, str]]:
+        """(item_id, title) of index 1..N, the shape `export.bundle.write_bundle` takes."""
+        return list(zip(self.item_ids, self.titles, strict=True))
+
+
+def load_dataset(spec: str) -> SequenceDataset:
+    kind, sep, raw_path = spec.partition(":")
+    if not sep or not raw_path:
+        raise DataError(f"data spec {spec!r} is not KIND:PATH (e.g. synthetic:data/synthetic)")
+    path = Path(raw_path)
+    if kind == "synthetic":
+        dataset = _load_synthetic(path)
+    elif kind in SASREC_KINDS:
+        dataset = _load_sasrec_txt(path, kind)
+    else:
+        raise DataError(f"unknown data kind {kind!r}; use synthetic, ml-1m or video")
+    logger.info("loaded %s: %s", spec, dataset.description)
+    return dataset
+
+
+def _load_synthetic(directory: Path) -> SequenceDataset:
+    items_path, clicks_path = directory / "items.csv", directory / "clicks.csv"
+    for required in (items_path, clicks_path):
+        if not required.is_file():
+            raise DataError(f"{required} not found; generate the synthetic data set first")
+    item_ids, titles = _read_items_csv(items_path)
+    index = {item_id: i for i, item_id in enumerate(item_ids, start=1)}
+    users, items, stamps = _read_clicks_csv(clicks_path, index)
+    user_ids, sequences, times = _group_by_user(users, items, stamps)
+    return SequenceDataset(
+        item_ids=item_ids,
+        titles=titles,
+        user_ids=user_ids,
+        sequences=sequences,
+        timestamps=times,
+        description=_describe("synthetic", directory, sequences, len(item_ids), clicks_path),
+    )
+
+
+def _read_items_csv(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    ids: list[str] = []
+    titles: list[str] = []
+    with path.open(encoding="utf-8", newline="") as fh:
+        for line, row in enumerate(csv.DictReader(fh), start=2):
+            item_id = row.get("item_id")
+            if not item_id:
+                raise DataError(f"{path}:{line}: row has no item_id")
+            ids.append(item_id)
+            titles.append(row.get("title") or "")
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: item_id values are not unique")
+    if not ids:
+        raise DataError(f"{path} lists no items")
+    return tuple(ids), tuple(titles)
+
+
+def _read_clicks_csv(path: Path, index: dict[str, int]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    users: list[str] = []
+    items: list[int] = []
+    stamps: list[int] = []
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header != ["user_id", "item_id", "ts"]:
+            raise DataError(f"{path}: header {header} is not user_id,item_id,ts")
+        for line, row in enumerate(reader, start=2):
+            try:
+                user, item, ts = row
+                items.append(index[item])
+                stamps.append(int(ts))
+            except (ValueError, KeyError) as exc:
+                raise DataError(f"{path}:{line}: bad click row {row!r} ({exc!r})") from exc
+            users.append(user)
+    if not users:
+        raise DataError(f"{path} holds no clicks")
+    return users, np.asarray(items, dtype=np.int64), np.asarray(stamps, dtype=np.int64)
+
+
+def _group_by_user(
+    users: list[str], items: np.ndarray, stamps: np.ndarray
+) -> tuple[tuple[str, ...], tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Split clicks per user, oldest first; users are ordered by their first click."""
+    codes: dict[str, int] = {}
+    user_codes = np.fromiter((codes.setdefault(u, len(codes)) for u in users), dtype=np.int64)
+    # Stable on equal timestamps, so file order breaks ties.
+    order = np.lexsort((stamps, user_codes))
+    bounds = np.cumsum(np.bincount(user_codes, minlength=len(codes)))[:-1]
+    sequences = tuple(np.split(items[order], bounds))
+    times = tuple(np.split(stamps[order], bounds))
+    return tuple(codes), sequences, times
+
+
+def _load_sasrec_txt(path: Path, kind: str) -> SequenceDataset:
+    if not path.is_file():
+        raise DataError(f"{path} not found (expected a SASRec 'user item' text file)")
+    try:
+        pairs = np.array(path.read_text(encoding="ascii").split(), dtype=np.int64).reshape(-1, 2)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a SASRec 'user item' file ({exc})") from exc
+    if pairs.size == 0 or pairs.min() < 1:
+        raise DataError(f"{path}: ids must be 1-based positive integers")
+    order = np.argsort(pairs[:, 0], kind="stable")  # keeps each user's chronological order
+    users, starts = np.unique(pairs[order, 0], return_index=True)
+    sequences = tuple(np.split(pairs[order, 1], starts[1:]))
+    num_items = int(pairs[:, 1].max())
+    return SequenceDataset(
+        item_ids=tuple(str(i) for i in range(1, num_items + 1)),
+        titles=("",) * num_items,
+        user_ids=tuple(str(u) for u in users),
+        sequences=sequences,
+        description=_describe(kind, path, sequences, num_items, path),
+    )
+
+
+def _describe(
+    name: str, path: Path, sequences: Sequence[np.ndarray], num_items: int, source: Path
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "path": str(path),
+        "num_users": len(sequences),
+        "num_items": num_items,
+        "num_interactions": int(sum(len(s) for s in sequences)),
+        "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+    }
+
+
+def train_sequences(dataset: SequenceDataset) -> list[np.ndarray]:
+    """Everything but the last two items; users with fewer than 3 items keep all of them."""
+    return [s[:-2] if len(s) >= 3 else s for s in dataset.sequences]
+
+
+def eval_examples(dataset: SequenceDataset, split: Split) -> tuple[list[np.ndarray], np.ndarray]:
+    """(histories, targets) of users with at least 3 items: valid predicts the second-to-last
+    item from what precedes it, test the last item from everything before it."""
+    if split not in ("valid", "test"):
+        raise DataError(f"split must be 'valid' or 'test', got {split!r}")
+    cut = 2 if split == "valid" else 1
+    chosen = [s for s in dataset.sequences if len(s) >= 3]
+    histories = [s[:-cut] for s in chosen]
+    targets = np.fromiter((s[-cut] for s in chosen), dtype=np.int64, count=len(chosen))
+    return histories, targets
+
+
+def left_pad(sequences: Sequence[np.ndarray], max_len: int) -> np.ndarray:
+    """(B, max_len) int64: the last max_len items of each sequence, right-aligned, 0 = padding."""
+    out = np.zeros((len(sequences), max_len), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        tail = seq[-max_len:]
+        if len(tail):
+            out[row, max_len - len(tail) :] = tail
+    return out
+
+
+def training_windows(
+    sequences: Sequence[np.ndarray], max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Next-item pairs from each sequence's last max_len + 1 items: (inputs, targets), both
+    (U, max_len) with targets shifted one step ahead. Sequences shorter than 2 are skipped."""
+    usable = [s for s in sequences if len(s) >= 2]
+    return left_pad([s[:-1] for s in usable], max_len), left_pad([s[1:] for s in usable], max_len)
+
+
+def batch_indices(
+    n: int, batch_size: int, rng: np.random.Generator | None = None
+) -> Iterator[np.ndarray]:
+    """Row indices in batches of batch_size; shuffled when rng is given, the last may be short."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]

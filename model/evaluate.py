@@ -1,0 +1,160 @@
+"""The one evaluation: full ranking over all items, leave-one-out targets (DESIGN.md).
+
+For each user, items of the history before the target and the padding index 0 are masked;
+the target is ranked pessimistically among the remaining items: its 0-based rank is the number
+of unmasked other items scoring >= the target. A target the user already had in the history is
+still ranked by its own score (repeat clicks count as hits when ranked high).
+
+The core works on numpy scores so that torch models, onnxruntime sessions and baselines all
+pass through `evaluate_scores_fn`. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from model.data import SequenceDataset, Split, batch_indices, eval_examples, left_pad
+from model.data import train_sequences as _train_sequences
+from model.errors import EvaluationError
+
+if TYPE_CHECKING:
+    from model.sasrec import SASRec
+
+logger = logging.getLogger(__name__)
+
+KS = (5, 10, 20)
+ScoreFn = Callable[[np.ndarray], np.ndarray]  # (B, max_len) int64 -> (B, N + 1) float32
+
+
+def pessimistic_ranks(
+    scores: np.ndarray, targets: np.ndarray, seen: Sequence[np.ndarray]
+) -> np.ndarray:
+    """0-based rank of each target: (B, N+1) scores, (B,) targets, B seen-index arrays -> (B,)."""
+    scores = np.asarray(scores)
+    B = len(targets)
+    if scores.ndim != 2 or scores.shape[0] != B or len(seen) != B:
+        raise EvaluationError(
+            f"scores {scores.shape} do not match {B} targets and {len(seen)} seen"
+        )
+    rows = np.arange(B)
+    target_scores = scores[rows, targets]  # (B,)
+    if not np.all(np.isfinite(target_scores)):
+        raise EvaluationError("non-finite target scores: the model produced NaN or inf")
+    masked = np.zeros(scores.shape, dtype=bool)  # (B, N + 1)
+    masked[:, 0] = True
+    lengths = [len(s) for s in seen]
+    if sum(lengths):
+        masked[np.repeat(rows, lengths), np.concatenate(seen)] = True
+    masked[rows, targets] = True  # compared against, never counted
+    beats = (scores >= target_scores[:, None]) & ~masked  # (B, N + 1)
+    return np.asarray(beats.sum(axis=1), dtype=np.int64)
+
+
+@dataclass
+class MetricAccumulator:
+    """Sums per-user metrics over batches of ranks; `result()` gives the means."""
+
+    ks: tuple[int, ...] = KS
+    count: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, ranks: np.ndarray) -> None:
+        ranks = np.asarray(ranks, dtype=np.float64)
+        parts = {"mrr": 1.0 / (ranks + 1.0)}
+        for k in self.ks:
+            hit = (ranks < k).astype(np.float64)
+            parts[f"hr@{k}"] = hit
+            parts[f"ndcg@{k}"] = hit / np.log2(ranks + 2.0)
+            parts[f"precision@{k}"] = hit / k
+            # One relevant item: precision = hit / k, recall = hit, so F1 = 2 hit / (k + 1).
+            parts[f"f1@{k}"] = 2.0 * hit / (k + 1)
+        for name, values in parts.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(values.sum())
+        self.count += len(ranks)
+
+    def result(self) -> dict[str, float]:
+        if not self.count:
+            raise EvaluationError("no users to evaluate (every user has fewer than 3 items)")
+        out = {name: total / self.count for name, total in sorted(self.sums.items())}
+        out["users"] = float(self.count)
+        return out
+
+
+def evaluate_scores_fn(
+    score_fn: ScoreFn,
+    dataset: SequenceDataset,
+    split: Split = "valid",
+    max_len: int = 50,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Metrics of score_fn on a leave-one-out split; the whole history is masked, not just the
+    window the model sees."""
+    histories, targets = eval_examples(dataset, split)
+    acc = MetricAccumulator()
+    for idx in batch_indices(len(targets), batch_size):
+        batch_hist = [histories[i] for i in idx]
+        scores = score_fn(left_pad(batch_hist, max_len))  # (b, N + 1)
+        if scores.shape[1] != dataset.num_items + 1:
+            raise EvaluationError(
+                f"scores have {scores.shape[1]} columns, the data set needs "
+                f"{dataset.num_items + 1}: model and data set do not match"
+            )
+        acc.add(pessimistic_ranks(scores, targets[idx], batch_hist))
+    return acc.result()
+
+
+def torch_score_fn(model: SASRec) -> ScoreFn:
+    import torch
+
+    def score(windows: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model.score_last(torch.from_numpy(windows)).numpy()
+
+    return score
+
+
+def evaluate_model(
+    model: SASRec, dataset: SequenceDataset, split: Split = "valid", batch_size: int = 512
+) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_scores_fn(
+            torch_score_fn(model), dataset, split, model.cfg.max_len, batch_size
+        )
+    finally:
+        model.train(was_training)
+
+
+def onnx_score_fn(model_path: Path, threads: int = 2) -> ScoreFn:
+    """Score through onnxruntime, the way serving does (input item_seq, output scores)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+
+    def score(windows: np.ndarray) -> np.ndarray:
+        return np.asarray(session.run(["scores"], {"item_seq": windows})[0])
+
+    return score
+
+
+def popularity_score_fn(dataset: SequenceDataset) -> ScoreFn:
+    """The baseline: every user gets the training-split click counts as scores."""
+    clicks = np.concatenate(_train_sequences(dataset))
+    counts = np.bincount(clicks, minlength=dataset.num_items + 1).astype(np.float32)
+
+    def score(windows: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(counts, (len(windows), len(counts)))
+
+    return score

@@ -1,0 +1,304 @@
+"""Training: full softmax cross-entropy over all items, best checkpoint by validation NDCG@10.
+
+The checkpoint (out_dir/ckpt.pt) is a plain dict in the nanoGPT style: configs, data set
+description, item catalogue, metrics and state dicts. It always holds the best model so far;
+`resume=True` continues from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from model.config import SASRecConfig, TrainConfig
+from model.data import SequenceDataset, batch_indices, train_sequences, training_windows
+from model.errors import CheckpointError, ConfigError, TrainingError
+from model.evaluate import evaluate_model, evaluate_scores_fn, popularity_score_fn
+from model.sasrec import SASRec
+
+logger = logging.getLogger(__name__)
+
+CKPT_NAME = "ckpt.pt"
+CKPT_FORMAT = "streamrec-sasrec/1"
+BEST_METRIC = "ndcg@10"
+
+
+@dataclass
+class _Run:
+    """What changes while training and is saved with the best model."""
+
+    model: SASRec
+    optimizer: torch.optim.Optimizer
+    epoch: int = 0  # epochs started so far (1-based number of the current one)
+    best: float = -math.inf
+    bad_evals: int = 0
+    loss: float = math.nan  # of the latest step, for the progress bar
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def train(
+    dataset: SequenceDataset,
+    model_cfg: SASRecConfig,
+    train_cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+) -> Path:
+    """Train until epochs, max_seconds or patience runs out; return the best checkpoint path."""
+    started = time.monotonic()
+    torch.set_num_threads(train_cfg.threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / CKPT_NAME
+    if resume:
+        run = _resume(path, dataset, model_cfg, train_cfg)
+    else:
+        run = _fresh(dataset, model_cfg, train_cfg)
+    cfg = run.model.cfg
+    inputs, targets = training_windows(train_sequences(dataset), cfg.max_len)
+    if not len(inputs):
+        raise ConfigError("no user has 2 training items; the data set is too small to train on")
+    if "popularity_valid" not in run.metrics:
+        run.metrics["popularity_valid"] = evaluate_scores_fn(
+            popularity_score_fn(dataset), dataset, "valid", cfg.max_len, train_cfg.eval_batch_size
+        )
+    logger.info(
+        "training on %d windows, %d items; popularity valid %s=%.4f",
+        len(inputs),
+        dataset.num_items,
+        BEST_METRIC,
+        run.metrics["popularity_valid"][BEST_METRIC],
+    )
+    steps = math.ceil(len(inputs) / train_cfg.batch_size)
+    total = steps * max(train_cfg.epochs - run.epoch, 0)
+    redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
+    with redirect, tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
+        _loop(run, dataset, train_cfg, inputs, targets, path, bar, started)
+    _final_test(path, dataset, train_cfg)
+    logger.info("training done in %.1f s; best checkpoint %s", time.monotonic() - started, path)
+    return path
+
+
+def _loop(
+    run: _Run,
+    dataset: SequenceDataset,
+    cfg: TrainConfig,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    path: Path,
+    bar: tqdm[Any],
+    started: float,
+) -> None:
+    deadline = None if cfg.max_seconds is None else started + cfg.max_seconds
+    limit = int(bar.total or 0)
+    stop = saved = False
+    while run.epoch < cfg.epochs and not stop:
+        epoch, run.epoch = run.epoch, run.epoch + 1
+        bar.set_description(f"epoch {run.epoch}")
+        steps, stop = _epoch(run, cfg, inputs, targets, epoch, bar, deadline, limit)
+        due = run.epoch % cfg.eval_every == 0 or run.epoch == cfg.epochs or stop
+        if due and (steps or not saved):
+            saved |= _validate(run, dataset, cfg, path)
+            bar.set_postfix(loss=f"{run.loss:.3f}", ndcg10=_latest(run))
+            stop |= run.bad_evals >= cfg.patience
+    if not saved and not path.exists():
+        _validate(run, dataset, cfg, path)
+
+
+def _epoch(
+    run: _Run,
+    cfg: TrainConfig,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    epoch: int,
+    bar: tqdm[Any],
+    deadline: float | None,
+    limit: int,
+) -> tuple[int, bool]:
+    """One pass over the shuffled windows: (steps run, whether the time budget ran out)."""
+    # Seeded per epoch, so a resumed run shuffles exactly as an uninterrupted one would.
+    rng = np.random.default_rng([cfg.seed, epoch])
+    steps = 0
+    for idx in batch_indices(len(inputs), cfg.batch_size, rng):
+        if deadline is not None and time.monotonic() >= deadline:
+            logger.info("time budget of %.0f s reached in epoch %d", cfg.max_seconds, epoch + 1)
+            return steps, True
+        run.loss = _step(run, inputs[idx], targets[idx])
+        steps += 1
+        bar.update(1)
+        if steps % 5 == 0:
+            bar.set_postfix(loss=f"{run.loss:.3f}", ndcg10=_latest(run), refresh=False)
+            _fit_total(bar, deadline, limit)
+    return steps, False
+
+
+def sequence_loss(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean full-softmax cross-entropy over every non-padding target of (B, L) windows."""
+    hidden = model(inputs)  # (B, L, D)
+    real = targets.reshape(-1) != 0  # (B * L,)
+    # Only real positions get logits: gathering (T, D) hidden rows is cheap and skips ~40% of
+    # the output layer on padded windows, while the (T, N + 1) logits stay one contiguous
+    # tensor; slicing logits before the softmax was 4x slower (DESIGN.md).
+    logits = model.logits(hidden.reshape(-1, hidden.shape[-1])[real])  # (T, N + 1)
+    return F.cross_entropy(logits, targets.reshape(-1)[real], ignore_index=0)
+
+
+def _fit_total(bar: tqdm[Any], deadline: float | None, limit: int) -> None:
+    """Under a time budget, shrink the bar to the steps that fit in it, so its ETA is honest."""
+    rate = bar.format_dict.get("rate")
+    if deadline is None or not rate:
+        return
+    fits = bar.n + int(rate * max(deadline - time.monotonic(), 0.0))
+    bar.total = max(bar.n, min(limit, fits))
+
+
+def _step(run: _Run, inputs: np.ndarray, targets: np.ndarray) -> float:
+    loss = sequence_loss(run.model, torch.from_numpy(inputs), torch.from_numpy(targets))
+    run.optimizer.zero_grad(set_to_none=True)
+    torch.autograd.backward(loss)
+    run.optimizer.step()
+    value = float(loss.item())
+    if not math.isfinite(value):
+        raise TrainingError(f"loss became {value}; lower the learning rate")
+    return value
+
+
+def _validate(run: _Run, dataset: SequenceDataset, cfg: TrainConfig, path: Path) -> bool:
+    metrics = evaluate_model(run.model, dataset, "valid", cfg.eval_batch_size)
+    run.metrics["latest_valid"] = metrics
+    score = metrics[BEST_METRIC]
+    logger.info(
+        "epoch %d: valid %s=%.4f hr@10=%.4f (best %.4f)",
+        run.epoch,
+        BEST_METRIC,
+        score,
+        metrics["hr@10"],
+        max(run.best, score),
+    )
+    if score <= run.best:
+        run.bad_evals += 1
+        return False
+    run.best, run.bad_evals = score, 0
+    run.metrics["valid"] = metrics
+    _save(path, _checkpoint(run, dataset, cfg))
+    return True
+
+
+def _latest(run: _Run) -> str:
+    latest = run.metrics.get("latest_valid")
+    return "-" if latest is None else f"{latest[BEST_METRIC]:.4f}"
+
+
+def _fresh(dataset: SequenceDataset, model_cfg: SASRecConfig, cfg: TrainConfig) -> _Run:
+    if model_cfg.num_items != dataset.num_items:
+        raise ConfigError(
+            f"model has {model_cfg.num_items} items, the data set {dataset.num_items}"
+        )
+    torch.manual_seed(cfg.seed)
+    model = SASRec(model_cfg)
+    return _Run(model=model, optimizer=_optimizer(model, cfg))
+
+
+def _resume(
+    path: Path, dataset: SequenceDataset, model_cfg: SASRecConfig, cfg: TrainConfig
+) -> _Run:
+    ckpt = load_checkpoint(path)
+    if list(ckpt["item_ids"]) != list(dataset.item_ids):
+        raise CheckpointError(f"{path} was trained on another item catalogue than this data set")
+    model = model_from_checkpoint(ckpt)
+    if model.cfg != model_cfg:
+        logger.warning("resuming with the checkpoint's model config %s", model.cfg)
+    model.train()
+    optimizer = _optimizer(model, cfg)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng_state"])
+    logger.info("resuming from %s after epoch %d", path, ckpt["epoch"])
+    return _Run(
+        model=model,
+        optimizer=optimizer,
+        epoch=ckpt["epoch"],
+        best=ckpt["best_metric"],
+        metrics=dict(ckpt["metrics"]),
+    )
+
+
+def _optimizer(model: SASRec, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay
+    )
+
+
+def _checkpoint(run: _Run, dataset: SequenceDataset, cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "format": CKPT_FORMAT,
+        "model_config": run.model.cfg.to_dict(),
+        "train_config": cfg.to_dict(),
+        "dataset": dict(dataset.description),
+        "item_ids": list(dataset.item_ids),
+        "titles": list(dataset.titles),
+        "epoch": run.epoch,  # epochs trained, counting the one being saved
+        "best_metric_name": BEST_METRIC,
+        "best_metric": run.best,
+        "metrics": {k: v for k, v in run.metrics.items() if k != "latest_valid"},
+        "state_dict": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "rng_state": torch.get_rng_state(),
+    }
+
+
+def _final_test(path: Path, dataset: SequenceDataset, cfg: TrainConfig) -> None:
+    """Score the best model on the test split once and store it in the checkpoint."""
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt)
+    ckpt["metrics"]["test"] = evaluate_model(model, dataset, "test", cfg.eval_batch_size)
+    _save(path, ckpt)
+    logger.info(
+        "best epoch %d: valid %s=%.4f, test %s=%.4f",
+        ckpt["epoch"],
+        BEST_METRIC,
+        ckpt["best_metric"],
+        BEST_METRIC,
+        ckpt["metrics"]["test"][BEST_METRIC],
+    )
+
+
+def _save(path: Path, ckpt: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # a crash mid-save leaves the previous best intact
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} not found; run `streamrec train` first") from exc
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path} is not a streamrec SASRec checkpoint ({CKPT_FORMAT})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> SASRec:
+    """The model of a loaded checkpoint, in eval mode."""
+    model = SASRec(SASRecConfig.from_dict(ckpt["model_config"]))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint weights do not fit its model config: {exc}") from exc
+    return model.eval()

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import SASRecConfig, TrainConfig
+from model.data import load_dataset
+from model.errors import ConfigError
+from model.sasrec import SASRec
+from model.train import load_checkpoint, sequence_loss, train
+from tests.unit.test_data import chain_dataset_dir
+
+torch.set_num_threads(2)
+POSITIONS = ["first", "slot"]
+
+
+def tiny(positions: str = "first", dropout: float = 0.0, seed: int = 0) -> SASRec:
+    torch.manual_seed(seed)
+    cfg = SASRecConfig(
+        num_items=20, max_len=8, d_model=16, n_blocks=2, n_heads=2, dropout=dropout,
+        positions=positions,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return SASRec(cfg).eval()
+
+
+def left_padded(*rows: list[int], length: int = 8) -> torch.Tensor:
+    return torch.tensor([[0] * (length - len(r)) + r for r in rows], dtype=torch.int64)
+
+
+def test_shapes_and_tied_padding_row():
+    model = tiny()
+    seq = left_padded([1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [20])
+    assert model(seq).shape == (3, 8, 16)
+    assert model.score_last(seq).shape == (3, 21)
+    assert torch.count_nonzero(model.item_emb.weight[0]) == 0
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_changing_a_later_item_leaves_earlier_positions_unchanged(positions: str):
+    model = tiny(positions)
+    a = left_padded([3, 4, 5, 6, 7, 8])
+    b = a.clone()
+    b[0, 5] = 19
+    with torch.no_grad():
+        ha, hb = model(a), model(b)
+    assert torch.allclose(ha[:, :5], hb[:, :5], atol=1e-6)
+    assert not torch.allclose(ha[:, 5:], hb[:, 5:], atol=1e-3)
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_extra_left_padding_does_not_change_the_last_output(positions: str):
+    model = tiny(positions)
+    with torch.no_grad():
+        outputs = [model.score_last(left_padded([5, 9, 2], length=n)) for n in (3, 5, 8)]
+        other_pad = model.score_last(left_padded([7, 9, 2], length=8))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    assert torch.allclose(outputs[0], outputs[2], atol=1e-5)
+    assert not torch.allclose(outputs[2], other_pad, atol=1e-3)  # real items do matter
+
+
+def test_all_padding_rows_stay_finite_in_forward_and_backward():
+    model = tiny(dropout=0.2).train()
+    seq = left_padded([], [1, 2])
+    hidden = model(seq)
+    assert torch.isfinite(hidden).all()
+    model.logits(hidden).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_sequence_loss_equals_cross_entropy_over_all_positions():
+    model = tiny()
+    inputs = left_padded([1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11])
+    targets = left_padded([2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12])
+    logits = model.logits(model(inputs))  # (B, L, N + 1)
+    expected = F.cross_entropy(logits.view(-1, 21), targets.view(-1), ignore_index=0)
+    assert torch.allclose(sequence_loss(model, inputs, targets), expected, atol=1e-6)
+
+
+def test_overfits_one_small_batch():
+    model = tiny(dropout=0.1).train()
+    inputs = left_padded([1, 2, 3, 4], [9, 8, 7], [5, 10, 15, 20, 3, 6])
+    targets = left_padded([2, 3, 4, 5], [8, 7, 6], [10, 15, 20, 3, 6, 9])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(80):
+        loss = sequence_loss(model, inputs, targets)
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 2.5  # about ln(21) at init
+    assert loss.item() < 0.2 * first
+
+
+def test_invalid_config_is_refused():
+    with pytest.raises(ConfigError):
+        SASRecConfig(num_items=10, d_model=10, n_heads=3)
+    with pytest.raises(ConfigError):
+        TrainConfig(max_seconds=0)
+
+
+def _train_tiny(data: Path, out: Path, epochs: int, resume: bool = False) -> dict:
+    ds = load_dataset(f"synthetic:{data}")
+    model_cfg = SASRecConfig(num_items=ds.num_items, max_len=8, d_model=16, n_heads=2)
+    train_cfg = TrainConfig(epochs=epochs, batch_size=8, lr=5e-3, seed=3, patience=50)
+    return load_checkpoint(train(ds, model_cfg, train_cfg, out, progress=False, resume=resume))
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    sa, sb = a["state_dict"], b["state_dict"]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_training_is_reproducible_and_resumable(tmp_path: Path):
+    data = chain_dataset_dir(tmp_path / "data", num_items=40)
+    a = _train_tiny(data, tmp_path / "a", epochs=3)
+    b = _train_tiny(data, tmp_path / "b", epochs=3)
+    assert _same_weights(a, b)
+    assert {"valid", "test", "popularity_valid"} <= a["metrics"].keys()
+    assert a["best_metric"] == a["metrics"]["valid"]["ndcg@10"]
+    assert a["best_metric"] > a["metrics"]["popularity_valid"]["ndcg@10"]
+    assert a["dataset"]["name"] == "synthetic" and a["item_ids"][0] == "m001"
+    # One epoch, then resume to three: the same run as three epochs straight.
+    first = _train_tiny(data, tmp_path / "c", epochs=1)
+    assert first["epoch"] == 1
+    resumed = _train_tiny(data, tmp_path / "c", epochs=3, resume=True)
+    assert _same_weights(resumed, a)
+    assert resumed["epoch"] == a["epoch"]
