@@ -176,6 +176,7 @@ def write_bundle(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes 0700: a serving process under another user must read it
     try:
         shutil.copyfile(model_file, staging / MODEL)
         write_items_csv(staging / ITEMS, items)
