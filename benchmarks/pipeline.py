@@ -74,7 +74,12 @@ def end_to_end(bundle: Path, events: int, partitions: int = 6) -> dict[str, floa
             for _, event in zip(range(events), source, strict=False):
                 producer.send_event(event)
         settings = ProcessorSettings(
-            kafka=kafka, topics=topics, bundle=bundle, state_dir=Path(state), log_every_s=3600
+            kafka=kafka,
+            topics=topics,
+            bundle=bundle,
+            state_dir=Path(state),
+            log_every_s=3600,
+            metrics_addr="",
         )
         processor = Processor(settings)
         thread = threading.Thread(target=processor.run)

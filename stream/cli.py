@@ -143,11 +143,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         batch_max=args.batch_max,
         onnx_threads=args.onnx_threads,
+        metrics_addr=args.metrics_addr,
     )
     logger.info("kafka: %s", settings.kafka.redacted())
     processor = Processor(settings)
     _install_stop(processor.stop)
     processor.run()
+    return 0
+
+
+def cmd_models_publish(args: argparse.Namespace) -> int:
+    from stream.reload import publish
+
+    target = publish(args.bundle, args.root)
+    print(f"published {target.name} to {args.root} (CURRENT -> {target.name})")
     return 0
 
 
@@ -239,13 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the stream processor")
     _kafka_args(p)
-    p.add_argument("--bundle", type=Path)
+    p.add_argument("--bundle", type=Path, help="a bundle, or a models root (hot reload)")
     p.add_argument("--state-dir", type=Path)
     p.add_argument("--group")
     p.add_argument("--top-k", type=int)
     p.add_argument("--batch-max", type=int)
     p.add_argument("--onnx-threads", type=int)
+    p.add_argument(
+        "--metrics-addr", help="host:port for /metrics /livez /readyz (default 127.0.0.1:9108)"
+    )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("models", help="models root: versioned bundles + CURRENT pointer")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    c = msub.add_parser("publish", help="copy a bundle into a models root and make it current")
+    c.add_argument("bundle", type=Path)
+    c.add_argument("--root", type=Path, required=True)
+    c.set_defaults(func=cmd_models_publish)
 
     p = sub.add_parser("watch", help="live view: top-k lists, throughput, lag, DLQ")
     _kafka_args(p)

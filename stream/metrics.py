@@ -7,6 +7,8 @@ work unchanged.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stream.stats import STAGES
@@ -94,7 +96,5 @@ class ProcessorMetrics:
         self.lag.labels(self.group, topic, str(partition)).set(lag)
 
     def drop_lag(self, topic: str, partition: int) -> None:
-        try:
+        with contextlib.suppress(KeyError):  # never set: nothing to drop
             self.lag.remove(self.group, topic, str(partition))
-        except KeyError:
-            pass

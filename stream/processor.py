@@ -16,13 +16,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from export.bundle import Bundle, load_bundle
+from export.bundle import Bundle
+from export.errors import ExportError
 from stream.codec import ClickEvent, Invalid, RecommendedItem, decode_click, encode_recommendation
 from stream.config import ProcessorSettings
-from stream.errors import ScoringError
+from stream.errors import DeliveryError, ScoringError, StreamError
 from stream.kafka.clients import DeliveryTracker, commit_offsets, make_consumer, make_producer
+from stream.kafka.lag import LagTracker
+from stream.metrics import ProcessorMetrics
+from stream.ops import Health, OpsServer
+from stream.reload import BundleSource
 from stream.scoring import OnnxScorer, Scorer, left_pad, top_k
 from stream.state import RocksSessionStore, Session, SessionStore
 from stream.stats import ProcessorStats, Timer
@@ -56,6 +62,7 @@ class _Batch:
     dead: list[tuple[Message, Invalid]] = field(default_factory=list)
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     outputs: list[tuple[str, bytes]] = field(default_factory=list)
+    event_ts: list[int] = field(default_factory=list)  # per output, for end-to-end latency
 
 
 class Processor:
@@ -65,23 +72,48 @@ class Processor:
         self,
         settings: ProcessorSettings,
         *,
-        bundle: Bundle | None = None,
         store: SessionStore | None = None,
         scorer: Scorer | None = None,
     ) -> None:
         self.settings = settings
-        self.bundle = bundle or load_bundle(settings.bundle)
+        self.metrics = ProcessorMetrics(settings.group)
+        self.health = Health(liveness_timeout_s=settings.liveness_timeout_s)
+        self.source = BundleSource(settings.bundle)
+        self.bundle = self.source.bundle
         self.scorer: Scorer = scorer or OnnxScorer(self.bundle, settings.onnx_threads)
+        self._use_bundle(self.bundle, self.scorer)
         self.store: SessionStore = store or RocksSessionStore(settings.state_dir / "sessions")
-        self.item_index = self.bundle.item_index()
-        self.max_len = settings.session_max_len or self.bundle.max_len
+        self.health.state_open = True
         self.stats = ProcessorStats()
-        self.consumer: Consumer = make_consumer(settings.kafka, settings.group)
+        self.consumer: Consumer = make_consumer(
+            settings.kafka,
+            settings.group,
+            **{"statistics.interval.ms": 1000, "stats_cb": self._on_stats},
+        )
         self.delivery = DeliveryTracker(make_producer(settings.kafka))
+        self.lag = LagTracker(self.consumer, self.metrics)
         self.assigned: set[tuple[str, int]] = set()
         self._applied: dict[tuple[str, int], int] = {}
         self._stop = threading.Event()
-        self._last_log = time.monotonic()
+        self._last_log = self._last_reload_check = time.monotonic()
+        # Bound now, so a busy port fails at start-up and the address is known at once.
+        self._ops = (
+            OpsServer(settings.metrics_addr, self.metrics, self.health)
+            if settings.metrics_addr
+            else None
+        )
+
+    def _use_bundle(self, bundle: Bundle, scorer: Scorer) -> None:
+        self.bundle, self.scorer = bundle, scorer
+        self.item_index = bundle.item_index()
+        self.max_len = self.settings.session_max_len or bundle.max_len
+        self.metrics.set_model(scorer.model_version)
+        self.health.model_version = scorer.model_version
+
+    @property
+    def ops_address(self) -> str | None:
+        """host:port of /metrics, /livez, /readyz once running (None when disabled)."""
+        return None if self._ops is None else self._ops.address
 
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -90,6 +122,8 @@ class Processor:
 
     def run(self) -> None:
         topic = self.settings.topics.clicks
+        if self._ops is not None:
+            self._ops.start()
         self.consumer.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         logger.info(
             "processor started: group=%s topic=%s model=%s state=%s",
@@ -98,12 +132,20 @@ class Processor:
             self.bundle.model_version,
             self.settings.state_dir,
         )
+        self.health.started = True
         try:
             while not self._stop.is_set():
+                self.health.beat()
+                self._maybe_reload()
                 msgs = self._poll_batch()
                 if msgs:
                     self.process_batch(msgs)
+                if self.lag.maybe_update():
+                    self.metrics.sessions.set(self.store.approx_sessions())
                 self._maybe_log()
+        except Exception:
+            self.metrics.errors.labels("fatal").inc()
+            raise
         finally:
             self.close()
 
@@ -121,38 +163,98 @@ class Processor:
         return [first, *rest]
 
     def close(self) -> None:
+        self.health.stopping = True
         # close() leaves the group at once; a vanished member stalls the next join for ~80 s.
         self.delivery.producer.flush(10)
         self.consumer.close()
         self.store.close()
+        self.health.state_open = False
+        if self._ops is not None:
+            self._ops.stop()
         logger.info("processor stopped after %d events", self.stats.consumed)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.assigned.add((tp.topic, tp.partition))
             self._applied.pop((tp.topic, tp.partition), None)
+        self.lag.on_assign(partitions)
+        self.metrics.rebalances.labels("assign").inc()
+        self.metrics.assigned.set(len(self.assigned))
+        self.health.assigned = len(self.assigned)
         logger.info("assigned %s", sorted(p for _, p in self.assigned))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Batches are committed before the next poll, so nothing is pending here.
         for tp in partitions:
             self.assigned.discard((tp.topic, tp.partition))
+        self.lag.on_revoke(partitions)
+        self.metrics.rebalances.labels("revoke").inc()
+        self.metrics.assigned.set(len(self.assigned))
+        self.health.assigned = len(self.assigned)
         logger.info("revoked %s", sorted(tp.partition for tp in partitions))
 
+    def _on_stats(self, raw: str) -> None:
+        """librdkafka statistics (every second, from poll): is any broker connection up?"""
+        try:
+            brokers = orjson.loads(raw).get("brokers", {})
+        except orjson.JSONDecodeError:
+            return
+        self.health.broker_up = any(
+            b.get("state") == "UP" for b in brokers.values() if b.get("nodeid", -1) >= 0
+        )
+
+    def _maybe_reload(self) -> None:
+        """Between batches: swap to a newly published bundle (models root + CURRENT)."""
+        now = time.monotonic()
+        if now - self._last_reload_check < self.settings.reload_check_s:
+            return
+        self._last_reload_check = now
+        try:
+            candidate = self.source.check()
+        except ExportError as exc:
+            self._refused(exc)
+            return
+        if candidate is None:
+            return
+        target, bundle = candidate
+        try:
+            scorer = OnnxScorer(bundle, self.settings.onnx_threads)
+        except StreamError as exc:
+            self.source.refuse(target)
+            self._refused(exc)
+            return
+        old = self.bundle.model_version
+        self.source.accept(target, bundle)
+        self._use_bundle(bundle, scorer)
+        self.metrics.model_reloads.labels("ok").inc()
+        logger.info("model swapped between batches: %s -> %s", old, bundle.model_version)
+
+    def _refused(self, exc: Exception) -> None:
+        self.metrics.model_reloads.labels("refused").inc()
+        logger.error(
+            "refused the new model bundle; still serving %s: %s", self.bundle.model_version, exc
+        )
+
     # -- the batch ---------------------------------------------------------------------------
+    def _timed(self, stage: str) -> Timer:
+        return Timer(self.stats, stage, self.metrics.stage_seconds.labels(stage).observe)
+
     def process_batch(self, msgs: Sequence[Message]) -> None:
         batch = _Batch()
-        with Timer(self.stats, "decode"):
+        with self._timed("decode"):
             events = self._decode(msgs, batch)
-        with Timer(self.stats, "state"):
+        with self._timed("state"):
             self._apply(events, batch)
-        with Timer(self.stats, "score"):
+        with self._timed("score"):
             self._score(batch)
-        with Timer(self.stats, "produce"):
+        with self._timed("produce"):
             self._produce(batch)
-        with Timer(self.stats, "commit"):
+        with self._timed("commit"):
             commit_offsets(self.consumer, batch.next_offsets)
+        self.lag.on_commit(batch.next_offsets)
         self.stats.end_batch(len(msgs))
+        self.metrics.consumed.inc(len(msgs))
+        self.metrics.batch_size.observe(len(msgs))
 
     def _decode(self, msgs: Sequence[Message], batch: _Batch) -> list[tuple[Message, ClickEvent]]:
         now = now_ms()
@@ -191,9 +293,11 @@ class Processor:
             if offset <= self._applied_offset(topic, partition):
                 # Redelivered after a crash between the store write and the commit.
                 self.stats.replayed += 1
+                self.metrics.replayed.inc()
                 continue
             touched.session.append(event.item_id, event.ts, partition, offset, self.max_len)
             self.stats.applied += 1
+            self.metrics.applied.inc()
         applied = {k: v - 1 for k, v in batch.next_offsets.items()}
         self.store.write({u: t.session for u, t in batch.touched.items()}, applied)
         self._applied.update(applied)
@@ -235,6 +339,8 @@ class Processor:
                 generated_ts=generated,
             )
             batch.outputs.append((user, value))
+            batch.event_ts.append(touched.event.ts)
+        self.metrics.scored.inc(len(batch.outputs))
 
     def _score_rows(self, users: list[str], item_seq: np.ndarray, batch: _Batch) -> np.ndarray:
         """Fallback after a failed batch call: a poison row goes to the DLQ, not the batch."""
@@ -253,11 +359,21 @@ class Processor:
         for user, value in batch.outputs:
             self.delivery.produce(topics.recs, user.encode("utf-8"), value)
         for msg, invalid in batch.dead:
-            self.stats.dead_letters[invalid.reason] += 1
             headers = dead_letter_headers(msg, invalid)
             self.delivery.produce(topics.dlq, msg.key(), msg.value(), headers)
+        try:
+            self.delivery.flush()
+        except DeliveryError:
+            self.metrics.errors.labels("delivery").inc()
+            raise
+        acked = now_ms()
+        for ts in batch.event_ts:
+            self.metrics.end_to_end.observe((acked - ts) / 1000)
         self.stats.outputs += len(batch.outputs)
-        self.delivery.flush()
+        self.metrics.produced.inc(len(batch.outputs))
+        for _, invalid in batch.dead:
+            self.stats.dead_letters[invalid.reason] += 1
+            self.metrics.dead_letters.labels(invalid.reason).inc()
 
     def _maybe_log(self) -> None:
         if time.monotonic() - self._last_log < self.settings.log_every_s:
@@ -266,7 +382,7 @@ class Processor:
         summary = self.stats.summary()
         logger.info(
             "%.0f events/s, %.0f per batch, ms/batch decode %.2f state %.2f score %.2f "
-            "produce %.2f commit %.2f; total %d consumed, %d outputs, %d dead letters",
+            "produce %.2f commit %.2f; total %d consumed, %d outputs, %d dead letters, lag %d",
             summary["events_per_s"],
             summary["mean_batch"],
             summary["decode_ms_per_batch"],
@@ -277,6 +393,7 @@ class Processor:
             self.stats.consumed,
             self.stats.outputs,
             sum(self.stats.dead_letters.values()),
+            self.lag.total,
         )
 
 

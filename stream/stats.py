@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -55,17 +56,24 @@ class ProcessorStats:
 
 
 class Timer:
-    """`with timer(stats, "score"):` adds the block's wall time to a stage."""
+    """`with Timer(stats, "score", observe):` adds the block's wall time to a stage (and to a
+    histogram's `observe`, when given)."""
 
-    __slots__ = ("_stage", "_stats", "_t0")
+    __slots__ = ("_observe", "_stage", "_stats", "_t0")
 
-    def __init__(self, stats: ProcessorStats, stage: str) -> None:
+    def __init__(
+        self, stats: ProcessorStats, stage: str, observe: Callable[[float], None] | None = None
+    ) -> None:
         self._stats = stats
         self._stage = stage
+        self._observe = observe
         self._t0 = 0.0
 
     def __enter__(self) -> None:
         self._t0 = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        self._stats.add_stage(self._stage, time.perf_counter() - self._t0)
+        elapsed = time.perf_counter() - self._t0
+        self._stats.add_stage(self._stage, elapsed)
+        if self._observe is not None:
+            self._observe(elapsed)

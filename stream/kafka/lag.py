@@ -18,6 +18,7 @@ from confluent_kafka import OFFSET_END, Consumer, Message, TopicPartition
 from stream.config import KafkaSettings
 from stream.kafka.admin import partition_count
 from stream.kafka.clients import make_consumer
+from stream.metrics import ProcessorMetrics
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,55 @@ class LagProbe:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class LagTracker:
+    """The processor's own lag: fetch high watermark (cached by its consumer) - committed.
+
+    Updated from the processor loop at most every `every_s`; exported as
+    kafka_consumergroup_lag{consumergroup,topic,partition}.
+    """
+
+    def __init__(self, consumer: Consumer, metrics: ProcessorMetrics, every_s: float = 1.0):
+        self._consumer = consumer
+        self._metrics = metrics
+        self.every_s = every_s
+        self._committed: dict[tuple[str, int], int] = {}
+        self._last = 0.0
+        self.by_partition: dict[tuple[str, int], int] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_partition.values())
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        # The group's committed offsets for partitions new to this process (from the broker).
+        for tp in self._consumer.committed(partitions, timeout=10):
+            self._committed[(tp.topic, tp.partition)] = tp.offset
+        self._last = 0.0
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self._committed.pop(key, None)
+            self.by_partition.pop(key, None)
+            self._metrics.drop_lag(tp.topic, tp.partition)
+
+    def on_commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
+        self._committed.update(next_offsets)
+
+    def maybe_update(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return False
+        self._last = now
+        for (topic, partition), committed in list(self._committed.items()):
+            low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), cached=True
+            )
+            if high < 0:  # no fetch response yet
+                continue
+            lag = max(high - (committed if committed >= 0 else max(low, 0)), 0)
+            self.by_partition[(topic, partition)] = lag
+            self._metrics.set_lag(topic, partition, lag)
+        return True

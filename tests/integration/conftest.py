@@ -47,7 +47,6 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
     """A real SASRec, trained briefly on synthetic data and exported through the real path."""
     from export.onnx_export import export_bundle
-
     from model.config import SASRecConfig, TrainConfig
     from model.data import load_dataset
     from model.train import train
@@ -83,6 +82,7 @@ def settings(
         top_k=10,
         batch_max=500,
         log_every_s=3600,
+        metrics_addr="127.0.0.1:0",  # an ephemeral port: tests run several processors
     )
 
 
