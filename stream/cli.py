@@ -144,11 +144,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_max=args.batch_max,
         onnx_threads=args.onnx_threads,
         metrics_addr=args.metrics_addr,
+        processing_guarantee=args.processing_guarantee,
     )
     logger.info("kafka: %s", settings.kafka.redacted())
     processor = Processor(settings)
     _install_stop(processor.stop)
     processor.run()
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from stream.producer import ClickProducer
+
+    settings = load_settings(args)
+    with ClickProducer(settings.kafka, settings.topics.clicks) as producer:
+        producer.forget(args.user_id)
+    logging.getLogger("streamrec.audit").info("forget requested for user %s", args.user_id)
+    print(
+        f"forget request for {args.user_id} queued on {settings.topics.clicks}; the processor "
+        "deletes the session and writes tombstones to the changelog and the output topic"
+    )
     return 0
 
 
@@ -257,7 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-addr", help="host:port for /metrics /livez /readyz (default 127.0.0.1:9108)"
     )
+    p.add_argument(
+        "--processing-guarantee",
+        choices=["at-least-once", "exactly-once"],
+        help="at-least-once (default) or exactly-once (Kafka transactions; Apache Kafka only)",
+    )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("forget", help="delete a user's session and latest list (audited)")
+    _kafka_args(p)
+    p.add_argument("user_id")
+    p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("models", help="models root: versioned bundles + CURRENT pointer")
     msub = p.add_subparsers(dest="models_command", required=True)

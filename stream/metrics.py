@@ -83,6 +83,20 @@ class ProcessorMetrics:
         )
         self.errors = Counter("streamrec_errors", "Errors by kind.", ["kind"], registry=r)
         self.ready = Gauge("streamrec_ready", "1 when /readyz answers 200.", registry=r)
+        self.restoring = Gauge(
+            "streamrec_restoring_partitions",
+            "Partitions being restored from the changelog (readiness waits for 0).",
+            registry=r,
+        )
+        self.restored_records = Counter(
+            "streamrec_restore_records", "Changelog records read while restoring.", registry=r
+        )
+        self.restore_seconds = Histogram(
+            "streamrec_restore_seconds",
+            "Time to restore one partition from the changelog.",
+            buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         for result in ("ok", "refused"):

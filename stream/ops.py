@@ -35,6 +35,7 @@ class Health:
     state_open: bool = False
     model_version: str | None = None
     broker_up: bool = False
+    restoring: int = 0  # partitions being restored from the changelog
     stopping: bool = False
 
     def beat(self) -> None:
@@ -52,6 +53,7 @@ class Health:
             "state_open": self.state_open,
             "bundle_loaded": self.model_version is not None,
             "broker_connected": self.broker_up,
+            "state_restored": self.restoring == 0,
         }
         ok = all(checks.values())
         body = {

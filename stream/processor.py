@@ -1,10 +1,14 @@
 """The processor loop: poll → decode → update sessions → score batch → produce → commit.
 
 One poll batch is the unit of work. Every touched user is scored once per batch and gets one
-output record, whose partition/offset are those of the user's last click applied. Offsets are
-committed only after every output and dead letter of the batch is acknowledged (at-least-once);
-the session store remembers the last offset applied per partition, so a redelivered event is
-recognised and not appended to the session twice.
+output record, whose partition/offset are those of the user's last click applied.
+
+at-least-once (default): the batch's sessions and the last input offset applied per partition
+go to RocksDB in one WriteBatch; then outputs, changelog records and dead letters are produced
+and acknowledged; then offsets are committed. A redelivered event (offset ≤ the store's
+marker) is recognised and not appended twice.
+exactly-once: outputs, changelog and offsets go in one Kafka transaction; RocksDB is written
+after it commits (a crash in between restores the partition from the changelog).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
@@ -21,9 +24,20 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from export.bundle import Bundle
 from export.errors import ExportError
+from stream.batch import (
+    FORGET,
+    Batch,
+    Forget,
+    Touched,
+    control_of,
+    dead_letter_headers,
+    now_ms,
+    source_of,
+)
 from stream.codec import ClickEvent, Invalid, RecommendedItem, decode_click, encode_recommendation
 from stream.config import ProcessorSettings
 from stream.errors import DeliveryError, ScoringError, StreamError
+from stream.kafka.admin import partition_count
 from stream.kafka.clients import DeliveryTracker, commit_offsets, make_consumer, make_producer
 from stream.kafka.lag import LagTracker
 from stream.metrics import ProcessorMetrics
@@ -31,38 +45,16 @@ from stream.ops import Health, OpsServer
 from stream.reload import BundleSource
 from stream.scoring import OnnxScorer, Scorer, left_pad, top_k
 from stream.state import RocksSessionStore, Session, SessionStore
+from stream.state.changelog import (
+    ChangelogWriter,
+    changelog_topic,
+    ensure_changelog,
+    restore_partition,
+)
 from stream.stats import ProcessorStats, Timer
 
 logger = logging.getLogger(__name__)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def source_of(msg: Message) -> tuple[str, int, int]:
-    """(topic, partition, offset) of a consumed record (never None once consumed without error)."""
-    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-    assert topic is not None and partition is not None and offset is not None
-    return topic, partition, offset
-
-
-@dataclass
-class _Touched:
-    """A user updated in this batch: their session and the last source record applied."""
-
-    session: Session
-    msg: Message
-    event: ClickEvent
-
-
-@dataclass
-class _Batch:
-    touched: dict[str, _Touched] = field(default_factory=dict)
-    dead: list[tuple[Message, Invalid]] = field(default_factory=list)
-    next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
-    outputs: list[tuple[str, bytes]] = field(default_factory=list)
-    event_ts: list[int] = field(default_factory=list)  # per output, for end-to-end latency
+audit = logging.getLogger("streamrec.audit")
 
 
 class Processor:
@@ -76,12 +68,12 @@ class Processor:
         scorer: Scorer | None = None,
     ) -> None:
         self.settings = settings
+        self.exactly_once = settings.processing_guarantee == "exactly-once"
         self.metrics = ProcessorMetrics(settings.group)
         self.health = Health(liveness_timeout_s=settings.liveness_timeout_s)
         self.source = BundleSource(settings.bundle)
-        self.bundle = self.source.bundle
-        self.scorer: Scorer = scorer or OnnxScorer(self.bundle, settings.onnx_threads)
-        self._use_bundle(self.bundle, self.scorer)
+        self.scorer: Scorer = scorer or OnnxScorer(self.source.bundle, settings.onnx_threads)
+        self._use_bundle(self.source.bundle, self.scorer)
         self.store: SessionStore = store or RocksSessionStore(settings.state_dir / "sessions")
         self.health.state_open = True
         self.stats = ProcessorStats()
@@ -90,7 +82,11 @@ class Processor:
             settings.group,
             **{"statistics.interval.ms": 1000, "stats_cb": self._on_stats},
         )
-        self.delivery = DeliveryTracker(make_producer(settings.kafka))
+        producer_conf = {}
+        if self.exactly_once:
+            producer_conf["transactional.id"] = f"{settings.group}-{settings.state_dir.resolve()}"
+        self.delivery = DeliveryTracker(make_producer(settings.kafka, **producer_conf))
+        self.changelog = ChangelogWriter(changelog_topic(settings.group), self.delivery)
         self.lag = LagTracker(self.consumer, self.metrics)
         self.assigned: set[tuple[str, int]] = set()
         self._applied: dict[tuple[str, int], int] = {}
@@ -112,7 +108,7 @@ class Processor:
 
     @property
     def ops_address(self) -> str | None:
-        """host:port of /metrics, /livez, /readyz once running (None when disabled)."""
+        """host:port of /metrics, /livez, /readyz (None when disabled)."""
         return None if self._ops is None else self._ops.address
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -124,13 +120,24 @@ class Processor:
         topic = self.settings.topics.clicks
         if self._ops is not None:
             self._ops.start()
-        self.consumer.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        ensure_changelog(
+            self.settings.kafka,
+            self.changelog.topic,
+            partition_count(self.settings.kafka, topic),
+            self.settings.topics.replication_factor,
+        )
+        if self.exactly_once:
+            self.delivery.producer.init_transactions(30)
+        self.consumer.subscribe(
+            [topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
         logger.info(
-            "processor started: group=%s topic=%s model=%s state=%s",
+            "processor started: group=%s topic=%s model=%s state=%s guarantee=%s",
             self.settings.group,
             topic,
             self.bundle.model_version,
             self.settings.state_dir,
+            self.settings.processing_guarantee,
         )
         self.health.started = True
         try:
@@ -173,25 +180,64 @@ class Processor:
             self._ops.stop()
         logger.info("processor stopped after %d events", self.stats.consumed)
 
+    # -- rebalances and restoration ------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
+        committed = consumer.committed(partitions, timeout=30) if partitions else []
+        self.lag.on_assign(committed)
+        for tp in committed:
+            self._restore_if_behind(tp.topic, tp.partition, tp.offset)
             self.assigned.add((tp.topic, tp.partition))
-            self._applied.pop((tp.topic, tp.partition), None)
-        self.lag.on_assign(partitions)
-        self.metrics.rebalances.labels("assign").inc()
-        self.metrics.assigned.set(len(self.assigned))
-        self.health.assigned = len(self.assigned)
-        logger.info("assigned %s", sorted(p for _, p in self.assigned))
+        self._assignment_changed("assign", partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Batches are committed before the next poll, so nothing is pending here.
+        # Every batch is committed before the next poll: nothing of these is pending here.
         for tp in partitions:
             self.assigned.discard((tp.topic, tp.partition))
+            self._applied.pop((tp.topic, tp.partition), None)
         self.lag.on_revoke(partitions)
-        self.metrics.rebalances.labels("revoke").inc()
+        self._assignment_changed("revoke", partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        logger.warning("partitions lost without a revoke (session expired?); their new owner "
+                       "replays from the last commit")  # fmt: skip
+        self._on_revoke(consumer, partitions)
+
+    def _assignment_changed(self, kind: str, partitions: list[TopicPartition]) -> None:
+        self.metrics.rebalances.labels(kind).inc()
         self.metrics.assigned.set(len(self.assigned))
         self.health.assigned = len(self.assigned)
-        logger.info("revoked %s", sorted(tp.partition for tp in partitions))
+        logger.info("%s %s -> now %s", kind, sorted(tp.partition for tp in partitions),
+                    sorted(p for _, p in self.assigned))  # fmt: skip
+
+    def _restore_if_behind(self, topic: str, partition: int, committed: int) -> None:
+        """Rebuild a partition's sessions from the changelog when this store lacks committed
+        events (new machine, lost disk, the partition was processed elsewhere meanwhile)."""
+        applied = self.store.applied_offset(topic, partition)
+        self._applied.pop((topic, partition), None)
+        if committed < 0 or applied >= committed - 1:
+            return  # nothing committed yet, or this store has every committed event
+        logger.info(
+            "restoring %s[%d] from the changelog: store has offsets < %d, group committed %d",
+            topic, partition, applied + 1, committed,
+        )  # fmt: skip
+        self.health.restoring += 1
+        self.metrics.restoring.inc()
+        try:
+            result = restore_partition(
+                self.settings.kafka, self.changelog.topic, partition, committed
+            )
+            self.store.write(result.sessions, {(topic, partition): committed - 1})
+        finally:
+            self.health.restoring -= 1
+            self.metrics.restoring.dec()
+        self.metrics.restored_records.inc(result.records)
+        self.metrics.restore_seconds.observe(result.seconds)
+        logger.info(
+            "restored %s[%d]: %d changelog records, %d sessions, %d uncommitted events cut, "
+            "%.2fs",
+            topic, partition, result.records, len(result.sessions), result.events_dropped,
+            result.seconds,
+        )  # fmt: skip
 
     def _on_stats(self, raw: str) -> None:
         """librdkafka statistics (every second, from poll): is any broker connection up?"""
@@ -203,6 +249,7 @@ class Processor:
             b.get("state") == "UP" for b in brokers.values() if b.get("nodeid", -1) >= 0
         )
 
+    # -- model reload --------------------------------------------------------------------------
     def _maybe_reload(self) -> None:
         """Between batches: swap to a newly published bundle (models root + CURRENT)."""
         now = time.monotonic()
@@ -235,40 +282,49 @@ class Processor:
             "refused the new model bundle; still serving %s: %s", self.bundle.model_version, exc
         )
 
-    # -- the batch ---------------------------------------------------------------------------
+    # -- the batch -------------------------------------------------------------------------------
     def _timed(self, stage: str) -> Timer:
         return Timer(self.stats, stage, self.metrics.stage_seconds.labels(stage).observe)
 
     def process_batch(self, msgs: Sequence[Message]) -> None:
-        batch = _Batch()
+        batch = Batch()
         with self._timed("decode"):
             events = self._decode(msgs, batch)
         with self._timed("state"):
             self._apply(events, batch)
+            if not self.exactly_once:
+                self._write_state(batch)
         with self._timed("score"):
             self._score(batch)
         with self._timed("produce"):
             self._produce(batch)
         with self._timed("commit"):
-            commit_offsets(self.consumer, batch.next_offsets)
-        self.lag.on_commit(batch.next_offsets)
+            self._commit(batch)
         self.stats.end_batch(len(msgs))
         self.metrics.consumed.inc(len(msgs))
         self.metrics.batch_size.observe(len(msgs))
 
-    def _decode(self, msgs: Sequence[Message], batch: _Batch) -> list[tuple[Message, ClickEvent]]:
+    def _decode(
+        self, msgs: Sequence[Message], batch: Batch
+    ) -> list[tuple[Message, ClickEvent | Forget]]:
         now = now_ms()
         limits = self.settings.limits
-        events: list[tuple[Message, ClickEvent]] = []
+        events: list[tuple[Message, ClickEvent | Forget]] = []
         for msg in msgs:
             if msg.error() is not None:
                 logger.warning("consume error: %s", msg.error())
+                self.metrics.errors.labels("consume").inc()
                 continue
             topic, partition, offset = source_of(msg)
             batch.next_offsets[(topic, partition)] = offset + 1
-            result = decode_click(
-                msg.key(), msg.value(), known_items=self.item_index, now_ms=now, limits=limits
-            )
+            control = control_of(msg)
+            result: ClickEvent | Forget | Invalid
+            if control is not None:
+                result = _decode_control(control, msg.key(), msg.value())
+            else:
+                result = decode_click(
+                    msg.key(), msg.value(), known_items=self.item_index, now_ms=now, limits=limits
+                )
             if isinstance(result, Invalid):
                 batch.dead.append((msg, result))
             else:
@@ -281,91 +337,120 @@ class Processor:
             self._applied[key] = self.store.applied_offset(topic, partition)
         return self._applied[key]
 
-    def _apply(self, events: list[tuple[Message, ClickEvent]], batch: _Batch) -> None:
+    def _apply(self, events: list[tuple[Message, ClickEvent | Forget]], batch: Batch) -> None:
         for msg, event in events:
-            touched = batch.touched.get(event.user_id)
+            topic, partition, offset = source_of(msg)
+            user = event.user_id
+            touched = batch.touched.get(user)
             if touched is None:
-                session = self.store.get(event.user_id) or Session()
-                touched = batch.touched[event.user_id] = _Touched(session, msg, event)
+                touched = batch.touched[user] = Touched(self.store.get(user), msg, event)
             else:
                 touched.msg, touched.event = msg, event
-            topic, partition, offset = source_of(msg)
             if offset <= self._applied_offset(topic, partition):
                 # Redelivered after a crash between the store write and the commit.
                 self.stats.replayed += 1
                 self.metrics.replayed.inc()
                 continue
+            if isinstance(event, Forget):
+                touched.session = None
+                audit.info("forget user %s (request at %s[%d]@%d)", user, topic, partition, offset)
+                continue
+            if touched.session is None:
+                touched.session = Session()
             touched.session.append(event.item_id, event.ts, partition, offset, self.max_len)
             self.stats.applied += 1
             self.metrics.applied.inc()
+
+    def _write_state(self, batch: Batch) -> None:
         applied = {k: v - 1 for k, v in batch.next_offsets.items()}
         self.store.write({u: t.session for u, t in batch.touched.items()}, applied)
         self._applied.update(applied)
 
-    def _score(self, batch: _Batch) -> None:
-        if not batch.touched:
+    def _score(self, batch: Batch) -> None:
+        users = [u for u, t in batch.touched.items() if t.session is not None]
+        for user, touched in batch.touched.items():
+            if touched.session is None:
+                batch.outputs.append((user, None))  # a tombstone: the user was forgotten
+        if not users:
             return
-        users = list(batch.touched)
         index = self.item_index
         # Items unknown to this bundle (a swap to a smaller catalogue) are left out of the window.
-        windows = [[index[i] for i in batch.touched[u].session.items if i in index] for u in users]
+        windows = [
+            [index[i] for i in batch.touched[u].session.items if i in index]  # type: ignore[union-attr]
+            for u in users
+        ]
         item_seq = left_pad(windows, self.scorer.max_len)
         try:
             scores = self.scorer.score(item_seq)
         except ScoringError:
             logger.exception("batch scoring failed; scoring users one by one")
+            self.metrics.errors.labels("scoring").inc()
             scores = self._score_rows(users, item_seq, batch)
         best, best_scores = top_k(scores, item_seq, self.settings.top_k)
         generated = now_ms()
         version = self.scorer.model_version
         item_ids = self.bundle.item_ids
         for row, user in enumerate(users):
-            touched = batch.touched.get(user)
-            if touched is None:  # dead-lettered by the fallback scorer
+            if user in batch.failed:
                 continue
+            touched = batch.touched[user]
             items = [
                 RecommendedItem(item_ids[int(i)], float(s), rank)
                 for rank, (i, s) in enumerate(zip(best[row], best_scores[row], strict=True), 1)
                 if i > 0
             ]
             _, partition, offset = source_of(touched.msg)
+            event_ts = touched.event.ts if isinstance(touched.event, ClickEvent) else generated
             value = encode_recommendation(
                 user_id=user,
                 items=items,
                 model_version=version,
                 partition=partition,
                 offset=offset,
-                event_ts=touched.event.ts,
+                event_ts=event_ts,
                 generated_ts=generated,
             )
             batch.outputs.append((user, value))
-            batch.event_ts.append(touched.event.ts)
-        self.metrics.scored.inc(len(batch.outputs))
+            batch.event_ts.append(event_ts)
+        self.metrics.scored.inc(len(users) - len(batch.failed))
 
-    def _score_rows(self, users: list[str], item_seq: np.ndarray, batch: _Batch) -> np.ndarray:
-        """Fallback after a failed batch call: a poison row goes to the DLQ, not the batch."""
+    def _score_rows(self, users: list[str], item_seq: np.ndarray, batch: Batch) -> np.ndarray:
+        """Fallback after a failed batch call: a poison row goes to the DLQ, not the batch.
+
+        The user's session keeps the event (it was valid); only their output is skipped.
+        """
         rows = []
         for row, user in enumerate(users):
             try:
                 rows.append(self.scorer.score(item_seq[row : row + 1])[0])
             except ScoringError as exc:
-                touched = batch.touched.pop(user)
-                batch.dead.append((touched.msg, Invalid("scoring_failed", str(exc)[:200])))
+                batch.failed.add(user)
+                invalid = Invalid("scoring_failed", str(exc)[:200])
+                batch.dead.append((batch.touched[user].msg, invalid))
                 rows.append(np.full(len(self.bundle.item_ids), -np.inf, dtype=np.float32))
         return np.stack(rows)
 
-    def _produce(self, batch: _Batch) -> None:
+    def _produce(self, batch: Batch) -> None:
         topics = self.settings.topics
+        if self.exactly_once:
+            self.delivery.producer.begin_transaction()
         for user, value in batch.outputs:
             self.delivery.produce(topics.recs, user.encode("utf-8"), value)
+        for user, touched in batch.touched.items():
+            _, partition, offset = source_of(touched.msg)
+            self.changelog.write(user, touched.session, partition, offset)
         for msg, invalid in batch.dead:
             headers = dead_letter_headers(msg, invalid)
             self.delivery.produce(topics.dlq, msg.key(), msg.value(), headers)
-        try:
-            self.delivery.flush()
-        except DeliveryError:
-            self.metrics.errors.labels("delivery").inc()
-            raise
+        if not self.exactly_once:
+            try:
+                self.delivery.flush(timeout_s=300, beat=self.health.beat)
+            except DeliveryError:
+                self.metrics.errors.labels("delivery").inc()
+                raise
+            self._delivered(batch)
+
+    def _delivered(self, batch: Batch) -> None:
         acked = now_ms()
         for ts in batch.event_ts:
             self.metrics.end_to_end.observe((acked - ts) / 1000)
@@ -374,6 +459,29 @@ class Processor:
         for _, invalid in batch.dead:
             self.stats.dead_letters[invalid.reason] += 1
             self.metrics.dead_letters.labels(invalid.reason).inc()
+
+    def _commit(self, batch: Batch) -> None:
+        if self.exactly_once:
+            self._commit_transaction(batch)
+            return
+        if not commit_offsets(self.consumer, batch.next_offsets, beat=self.health.beat):
+            self.metrics.errors.labels("commit_lost").inc()
+        self.lag.on_commit(batch.next_offsets)
+
+    def _commit_transaction(self, batch: Batch) -> None:
+        """Outputs, changelog, dead letters and offsets commit together, or none of them does.
+
+        Any failure raises: the process restarts, the transaction is aborted by the broker,
+        and the batch is replayed from the last committed offsets.
+        """
+        producer = self.delivery.producer
+        offsets = [TopicPartition(t, p, o) for (t, p), o in batch.next_offsets.items()]
+        producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
+        producer.commit_transaction(60)
+        self.delivery.flush(timeout_s=60, beat=self.health.beat)
+        self._delivered(batch)
+        self._write_state(batch)
+        self.lag.on_commit(batch.next_offsets)
 
     def _maybe_log(self) -> None:
         if time.monotonic() - self._last_log < self.settings.log_every_s:
@@ -397,13 +505,16 @@ class Processor:
         )
 
 
-def dead_letter_headers(msg: Message, invalid: Invalid) -> list[tuple[str, str | bytes | None]]:
-    """Why and where from: the value stays the original bytes (Kafka Connect's DLQ convention)."""
-    return [
-        ("streamrec.dlq.reason", invalid.reason.encode()),
-        ("streamrec.dlq.detail", invalid.detail.encode("utf-8", "replace")),
-        ("streamrec.dlq.topic", (msg.topic() or "").encode()),
-        ("streamrec.dlq.partition", str(msg.partition()).encode()),
-        ("streamrec.dlq.offset", str(msg.offset()).encode()),
-        ("streamrec.dlq.ts", str(now_ms()).encode()),
-    ]
+def _decode_control(kind: bytes, key: bytes | None, value: bytes | None) -> Forget | Invalid:
+    if kind != FORGET:
+        return Invalid("unknown_event_type", f"control {kind[:32]!r}")
+    try:
+        body = orjson.loads(value or b"")
+    except orjson.JSONDecodeError as exc:
+        return Invalid("not_json", str(exc)[:200])
+    user = body.get("user_id") if isinstance(body, dict) else None
+    if not isinstance(user, str) or not user.strip():
+        return Invalid("missing_field", "user_id")
+    if key is not None and key != user.encode("utf-8"):
+        return Invalid("key_mismatch", "record key differs from user_id")
+    return Forget(user)

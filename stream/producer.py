@@ -12,6 +12,9 @@ from __future__ import annotations
 import time
 from types import TracebackType
 
+import orjson
+
+from stream.batch import CONTROL_HEADER, FORGET
 from stream.codec import ClickEvent, Invalid, decode_click
 from stream.config import CodecLimits, KafkaSettings
 from stream.errors import InvalidEventError
@@ -61,6 +64,19 @@ class ClickProducer:
         self._delivery.producer.poll(0)
         self.sent += 1
         return checked
+
+    def forget(self, user_id: str) -> None:
+        """Ask the processor to delete this user's session, changelog entry and latest list.
+
+        A control record on the input topic, keyed by the user: it is handled in order with
+        the user's clicks, by whichever process owns their partition.
+        """
+        if not user_id.strip():
+            raise InvalidEventError("empty_field", "user_id")
+        key = user_id.encode("utf-8")
+        value = orjson.dumps({"user_id": user_id, "ts": time.time_ns() // 1_000_000})
+        self._delivery.produce(self.topic, key, value, headers=[(CONTROL_HEADER, FORGET)])
+        self._delivery.producer.poll(0)
 
     def send_raw(self, key: bytes | None, value: bytes | None) -> None:
         """Unvalidated bytes (tests and the demo's malformed-event injection)."""

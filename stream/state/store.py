@@ -32,6 +32,9 @@ _OFFSET = b"o/"
 class Session:
     items: list[str] = field(default_factory=list)
     ts: list[int] = field(default_factory=list)
+    # Input offset of each event in the window (all from the user's one input partition):
+    # restoring from the changelog drops the events whose offsets were never committed.
+    offsets: list[int] = field(default_factory=list)
     count: int = 0  # events ever applied, including those that slid out of the window
     partition: int = -1
     offset: int = -1
@@ -39,22 +42,40 @@ class Session:
     def append(self, item_id: str, ts: int, partition: int, offset: int, max_len: int) -> None:
         self.items.append(item_id)
         self.ts.append(ts)
+        self.offsets.append(offset)
         if len(self.items) > max_len:
-            del self.items[: len(self.items) - max_len]
-            del self.ts[: len(self.ts) - max_len]
+            cut = len(self.items) - max_len
+            del self.items[:cut], self.ts[:cut], self.offsets[:cut]
         self.count += 1
         self.partition = partition
         self.offset = offset
 
+    def truncate_before(self, offset: int) -> int:
+        """Drop the events at input offset >= `offset` (never committed); returns how many."""
+        keep = sum(1 for o in self.offsets if o < offset)
+        dropped = len(self.offsets) - keep
+        if dropped:
+            del self.items[keep:], self.ts[keep:], self.offsets[keep:]
+            self.count -= dropped
+            self.offset = self.offsets[-1] if self.offsets else -1
+        return dropped
+
     def to_bytes(self) -> bytes:
         return orjson.dumps(
-            {"i": self.items, "t": self.ts, "n": self.count, "p": self.partition, "o": self.offset}
+            {
+                "i": self.items,
+                "t": self.ts,
+                "f": self.offsets,
+                "n": self.count,
+                "p": self.partition,
+                "o": self.offset,
+            }
         )
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Session:
         body = orjson.loads(raw)
-        return cls(body["i"], body["t"], body["n"], body["p"], body["o"])
+        return cls(body["i"], body["t"], body["f"], body["n"], body["p"], body["o"])
 
 
 class SessionStore(Protocol):
@@ -63,7 +84,7 @@ class SessionStore(Protocol):
     def applied_offset(self, topic: str, partition: int) -> int: ...
 
     def write(
-        self, sessions: Mapping[str, Session], applied: Mapping[tuple[str, int], int]
+        self, sessions: Mapping[str, Session | None], applied: Mapping[tuple[str, int], int]
     ) -> None: ...
 
     def approx_sessions(self) -> int: ...
@@ -99,20 +120,22 @@ class RocksSessionStore:
         return -1 if raw is None else int(raw)
 
     def write(
-        self, sessions: Mapping[str, Session], applied: Mapping[tuple[str, int], int]
+        self, sessions: Mapping[str, Session | None], applied: Mapping[tuple[str, int], int]
     ) -> None:
+        """Sessions (None deletes one) and the applied-offset markers, in one WriteBatch."""
         batch = WriteBatch(raw_mode=True)
         for user_id, session in sessions.items():
-            batch.put(_SESSION + user_id.encode("utf-8"), session.to_bytes())
+            key = _SESSION + user_id.encode("utf-8")
+            if session is None:
+                batch.delete(key)
+            else:
+                batch.put(key, session.to_bytes())
         for (topic, partition), offset in applied.items():
             batch.put(_offset_key(topic, partition), str(offset).encode())
         try:
             self._db.write(batch)
         except Exception as exc:
             raise StateError(f"session store write failed: {exc}") from exc
-
-    def delete(self, user_id: str) -> None:
-        self._db.delete(_SESSION + user_id.encode("utf-8"))
 
     def approx_sessions(self) -> int:
         value = self._db.property_int_value("rocksdb.estimate-num-keys")

@@ -1,0 +1,76 @@
+"""One poll batch, the processor's unit of work, and the records it carries along."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from confluent_kafka import Message
+
+from stream.codec import ClickEvent, Invalid
+from stream.state import Session
+
+# A record with this header is a control request, not a click (value: JSON with user_id).
+CONTROL_HEADER = "streamrec.control"
+FORGET = b"forget"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def source_of(msg: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a consumed record (never None once consumed without error)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """Delete a user's session, changelog entry and latest output (`streamrec forget`)."""
+
+    user_id: str
+
+
+@dataclass
+class Touched:
+    """A user updated in this batch: their session (None once forgotten) and last source."""
+
+    session: Session | None
+    msg: Message
+    event: ClickEvent | Forget
+
+
+@dataclass
+class Batch:
+    touched: dict[str, Touched] = field(default_factory=dict)
+    dead: list[tuple[Message, Invalid]] = field(default_factory=list)
+    next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    outputs: list[tuple[str, bytes | None]] = field(default_factory=list)
+    event_ts: list[int] = field(default_factory=list)  # per scored output: end-to-end latency
+    failed: set[str] = field(default_factory=set)  # users whose scoring failed (dead-lettered)
+
+
+def dead_letter_headers(msg: Message, invalid: Invalid) -> list[tuple[str, str | bytes | None]]:
+    """Why and where from: the value stays the original bytes (Kafka Connect's DLQ convention)."""
+    return [
+        ("streamrec.dlq.reason", invalid.reason.encode()),
+        ("streamrec.dlq.detail", invalid.detail.encode("utf-8", "replace")),
+        ("streamrec.dlq.topic", (msg.topic() or "").encode()),
+        ("streamrec.dlq.partition", str(msg.partition()).encode()),
+        ("streamrec.dlq.offset", str(msg.offset()).encode()),
+        ("streamrec.dlq.ts", str(now_ms()).encode()),
+    ]
+
+
+def control_of(msg: Message) -> bytes | None:
+    """The control header's value, if the record is a control request (rare: usually None)."""
+    headers = msg.headers()
+    if not headers:
+        return None
+    for header in headers:
+        if isinstance(header, tuple) and header[0] == CONTROL_HEADER:
+            value = header[1]
+            return value if isinstance(value, bytes) else str(value or "").encode()
+    return None
