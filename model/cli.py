@@ -37,6 +37,10 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--windows", choices=("last", "all"), default="last", help="per user per epoch")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--max-seconds", type=float, default=None, help="wall-clock budget")
     p.add_argument("--eval-every", type=int, default=1, help="epochs between validations")
     p.add_argument("--patience", type=int, default=10, help="validations without improvement")
@@ -98,6 +102,10 @@ def _train(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             lr=args.lr,
             weight_decay=args.weight_decay,
+            windows=args.windows,
+            schedule=args.schedule,
+            warmup_epochs=args.warmup_epochs,
+            label_smoothing=args.label_smoothing,
             seed=args.seed,
             threads=args.threads,
             max_seconds=args.max_seconds,

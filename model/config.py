@@ -8,6 +8,8 @@ from typing import Any, Literal
 from model.errors import ConfigError
 
 Positions = Literal["slot", "first"]
+Windows = Literal["last", "all"]
+Schedule = Literal["constant", "cosine"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,15 @@ class TrainConfig:
     max_seconds: float | None = None  # wall-clock budget checked between steps; None = no budget
     eval_every: int = 1  # epochs between validation passes
     patience: int = 10  # validation passes without a better NDCG@10 before stopping
-    eval_batch_size: int = 512  # users per scoring call during evaluation
+    eval_batch_size: int = 256  # users per scoring call during evaluation
+    # "last": one window per user, the newest max_len + 1 training items, as in SASRec. "all":
+    # also the older stretches of long histories, cut at points that move every epoch, so every
+    # training item is a target at least once per epoch (ML-1M: 8.6k windows instead of 6k).
+    windows: Windows = "last"
+    # "cosine": from lr down to 0 at the last epoch (set epochs to what fits the time budget).
+    schedule: Schedule = "constant"
+    warmup_epochs: float = 0.0  # linear warmup from 0 to lr over this many epochs
+    label_smoothing: float = 0.0  # of the full-softmax cross-entropy; 0 = plain CE
 
     def __post_init__(self) -> None:
         _positive(self, ("epochs", "batch_size", "threads", "eval_every", "patience"))
@@ -61,6 +71,13 @@ class TrainConfig:
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError(
                 f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
+            )
+        if self.windows not in ("last", "all") or self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"unknown windows {self.windows!r} or schedule {self.schedule!r}")
+        if self.warmup_epochs < 0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(
+                f"warmup_epochs must be >= 0 and label_smoothing in [0, 1), got "
+                f"{self.warmup_epochs}, {self.label_smoothing}"
             )
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ConfigError(f"max_seconds must be positive or None, got {self.max_seconds}")

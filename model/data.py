@@ -198,12 +198,35 @@ def left_pad(sequences: Sequence[np.ndarray], max_len: int) -> np.ndarray:
 
 
 def training_windows(
-    sequences: Sequence[np.ndarray], max_len: int
+    sequences: Sequence[np.ndarray],
+    max_len: int,
+    *,
+    every: bool = False,
+    rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Next-item pairs from each sequence's last max_len + 1 items: (inputs, targets), both
-    (U, max_len) with targets shifted one step ahead. Sequences shorter than 2 are skipped."""
-    usable = [s for s in sequences if len(s) >= 2]
-    return left_pad([s[:-1] for s in usable], max_len), left_pad([s[1:] for s in usable], max_len)
+    """Next-item pairs as (inputs, targets), both (W, max_len), targets one step ahead.
+
+    Each sequence of 2 or more items gives its newest window (its last max_len + 1 items). With
+    `every`, older stretches follow, so each target appears at least once: windows ending
+    max_len items apart, the first of them shifted towards the newest window by a random
+    offset in [0, max_len) per sequence when rng is given (the cut points then move from epoch
+    to epoch and the overlap with the newest window varies).
+    """
+    inputs: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    for seq in sequences:
+        n = len(seq)
+        if n < 2:
+            continue
+        ends = [n]
+        if every and n - 1 > max_len:
+            shift = int(rng.integers(max_len)) if rng is not None else 0
+            ends.extend(range(n - max_len + shift, 1, -max_len))
+        for end in ends:
+            start = max(end - max_len, 1)  # first target index of the window
+            inputs.append(seq[start - 1 : end - 1])
+            targets.append(seq[start:end])
+    return left_pad(inputs, max_len), left_pad(targets, max_len)
 
 
 def batch_indices(
@@ -213,3 +236,21 @@ def batch_indices(
     order = rng.permutation(n) if rng is not None else np.arange(n)
     for start in range(0, n, batch_size):
         yield order[start : start + batch_size]
+
+
+def length_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool: int = 16
+) -> list[np.ndarray]:
+    """Shuffled batches of rows of similar length, so a batch can drop its common padding.
+
+    Rows are shuffled, cut into pools of `pool` batches, sorted by length inside each pool and
+    cut into batches; the batches are then shuffled. Each row appears exactly once.
+    """
+    order = rng.permutation(len(lengths))
+    batches: list[np.ndarray] = []
+    span = batch_size * pool
+    for start in range(0, len(order), span):
+        chunk = order[start : start + span]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]

@@ -97,7 +97,10 @@ def evaluate_scores_fn(
     window the model sees."""
     histories, targets = eval_examples(dataset, split)
     acc = MetricAccumulator()
-    for idx in batch_indices(len(targets), batch_size):
+    # Users in order of history length, so a batch's windows share most of their padding and
+    # torch_score_fn can cut it off; the metrics are sums, so the order changes nothing.
+    by_length = np.argsort([len(h) for h in histories], kind="stable")
+    for idx in (by_length[b] for b in batch_indices(len(targets), batch_size)):
         batch_hist = [histories[i] for i in idx]
         scores = score_fn(left_pad(batch_hist, max_len))  # (b, N + 1)
         if scores.shape[1] != dataset.num_items + 1:
@@ -113,8 +116,10 @@ def torch_score_fn(model: SASRec) -> ScoreFn:
     import torch
 
     def score(windows: np.ndarray) -> np.ndarray:
+        # Padding every row shares is dropped: no position depends on the amount of it.
+        width = max(int(np.count_nonzero(windows, axis=1).max(initial=0)), 1)
         with torch.no_grad():
-            return model.score_last(torch.from_numpy(windows)).numpy()
+            return model.score_last(torch.from_numpy(windows[:, -width:])).numpy()
 
     return score
 

@@ -15,6 +15,21 @@ from torch import nn
 from model.config import SASRecConfig
 
 
+class Dropout(nn.Module):
+    """nn.Dropout with its mask drawn by torch.rand: bernoulli_ took 17 ms per (128, 200, 64)
+    tensor on this box, rand and a comparison 6 ms, and a step runs five of them."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand_like(x) >= self.p  # (..., D)
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: SASRecConfig) -> None:
         super().__init__()
@@ -47,7 +62,7 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(cfg.d_model, width), nn.GELU(), nn.Linear(width, cfg.d_model)
         )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln_1(x), allowed))  # (B, L, D)
@@ -61,7 +76,7 @@ class SASRec(nn.Module):
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.d_model, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.apply(_init_weights)

@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from model.config import SASRecConfig, TrainConfig
-from model.data import SequenceDataset, batch_indices, train_sequences, training_windows
+from model.data import SequenceDataset, length_batches, train_sequences, training_windows
 from model.errors import CheckpointError, ConfigError, TrainingError
 from model.evaluate import evaluate_model, evaluate_scores_fn, popularity_score_fn
+from model.loss import full_softmax_ce
 from model.sasrec import SASRec
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,10 @@ class _Run:
     best: float = -math.inf
     bad_evals: int = 0
     loss: float = math.nan  # of the latest step, for the progress bar
+    epoch_loss: float = math.nan  # mean over the latest epoch's steps
+    seconds: float = 0.0  # training wall time before this call (resumed runs)
     metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per validation
 
 
 def train(
@@ -69,8 +72,9 @@ def train(
     else:
         run = _fresh(dataset, model_cfg, train_cfg)
     cfg = run.model.cfg
-    inputs, targets = training_windows(train_sequences(dataset), cfg.max_len)
-    if not len(inputs):
+    sequences = train_sequences(dataset)
+    windows = _Windows(sequences, cfg.max_len, train_cfg)
+    if not windows.count:
         raise ConfigError("no user has 2 training items; the data set is too small to train on")
     if "popularity_valid" not in run.metrics:
         run.metrics["popularity_valid"] = evaluate_scores_fn(
@@ -78,27 +82,52 @@ def train(
         )
     logger.info(
         "training on %d windows, %d items; popularity valid %s=%.4f",
-        len(inputs),
+        windows.count,
         dataset.num_items,
         BEST_METRIC,
         run.metrics["popularity_valid"][BEST_METRIC],
     )
-    steps = math.ceil(len(inputs) / train_cfg.batch_size)
+    steps = math.ceil(windows.count / train_cfg.batch_size)
     total = steps * max(train_cfg.epochs - run.epoch, 0)
     redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
     with redirect, tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
-        _loop(run, dataset, train_cfg, inputs, targets, path, bar, started)
-    _final_test(path, dataset, train_cfg)
+        _loop(run, dataset, train_cfg, windows, path, bar, started)
+    _final_test(path, dataset, train_cfg, run, run.seconds + time.monotonic() - started)
     logger.info("training done in %.1f s; best checkpoint %s", time.monotonic() - started, path)
     return path
+
+
+class _Windows:
+    """The training windows of each epoch: fixed for "last", re-cut every epoch for "all"."""
+
+    def __init__(self, sequences: list[np.ndarray], max_len: int, cfg: TrainConfig) -> None:
+        self.sequences, self.max_len, self.cfg = sequences, max_len, cfg
+        self.fixed = training_windows(sequences, max_len, every=cfg.windows == "all")
+        self.count = len(self.fixed[0])
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.cfg.windows == "last":
+            return self.fixed
+        rng = np.random.default_rng([self.cfg.seed, epoch, 1])
+        return training_windows(self.sequences, self.max_len, every=True, rng=rng)
+
+
+def lr_at(cfg: TrainConfig, progress: float) -> float:
+    """Learning rate after `progress` epochs (fractional): linear warmup, then constant or a
+    cosine decay that reaches 0 at cfg.epochs."""
+    if progress < cfg.warmup_epochs:
+        return cfg.lr * progress / cfg.warmup_epochs
+    if cfg.schedule == "constant":
+        return cfg.lr
+    done = (progress - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
 
 def _loop(
     run: _Run,
     dataset: SequenceDataset,
     cfg: TrainConfig,
-    inputs: np.ndarray,
-    targets: np.ndarray,
+    windows: _Windows,
     path: Path,
     bar: tqdm[Any],
     started: float,
@@ -109,14 +138,15 @@ def _loop(
     while run.epoch < cfg.epochs and not stop:
         epoch, run.epoch = run.epoch, run.epoch + 1
         bar.set_description(f"epoch {run.epoch}")
+        inputs, targets = windows.epoch(epoch)
         steps, stop = _epoch(run, cfg, inputs, targets, epoch, bar, deadline, limit)
         due = run.epoch % cfg.eval_every == 0 or run.epoch == cfg.epochs or stop
         if due and (steps or not saved):
-            saved |= _validate(run, dataset, cfg, path)
+            saved |= _validate(run, dataset, cfg, path, time.monotonic() - started)
             bar.set_postfix(loss=f"{run.loss:.3f}", ndcg10=_latest(run))
             stop |= run.bad_evals >= cfg.patience
     if not saved and not path.exists():
-        _validate(run, dataset, cfg, path)
+        _validate(run, dataset, cfg, path, time.monotonic() - started)
 
 
 def _epoch(
@@ -132,13 +162,24 @@ def _epoch(
     """One pass over the shuffled windows: (steps run, whether the time budget ran out)."""
     # Seeded per epoch, so a resumed run shuffles exactly as an uninterrupted one would.
     rng = np.random.default_rng([cfg.seed, epoch])
-    steps = 0
-    for idx in batch_indices(len(inputs), cfg.batch_size, rng):
+    lengths = np.count_nonzero(inputs, axis=1)  # (W,)
+    batches = length_batches(lengths, cfg.batch_size, rng)
+    steps, total_loss = 0, 0.0
+    for idx in batches:
         if deadline is not None and time.monotonic() >= deadline:
             logger.info("time budget of %.0f s reached in epoch %d", cfg.max_seconds, epoch + 1)
             return steps, True
-        run.loss = _step(run, inputs[idx], targets[idx])
+        lr = lr_at(cfg, epoch + (steps + 1) / len(batches))
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        # Batches hold windows of similar length: the padding all rows share is cut off, which
+        # changes no output (no position depends on the amount of left padding) and saves
+        # ~40% of the Transformer's work on ML-1M.
+        width = max(int(lengths[idx].max()), 1)
+        run.loss = _step(run, inputs[idx, -width:], targets[idx, -width:], cfg.label_smoothing)
+        total_loss += run.loss
         steps += 1
+        run.epoch_loss = total_loss / steps
         bar.update(1)
         if steps % 5 == 0:
             bar.set_postfix(loss=f"{run.loss:.3f}", ndcg10=_latest(run), refresh=False)
@@ -146,15 +187,20 @@ def _epoch(
     return steps, False
 
 
-def sequence_loss(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def sequence_loss(
+    model: SASRec, inputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean full-softmax cross-entropy over every non-padding target of (B, L) windows."""
     hidden = model(inputs)  # (B, L, D)
     real = targets.reshape(-1) != 0  # (B * L,)
     # Only real positions get logits: gathering (T, D) hidden rows is cheap and skips ~40% of
-    # the output layer on padded windows, while the (T, N + 1) logits stay one contiguous
-    # tensor; slicing logits before the softmax was 4x slower (DESIGN.md).
-    logits = model.logits(hidden.reshape(-1, hidden.shape[-1])[real])  # (T, N + 1)
-    return F.cross_entropy(logits, targets.reshape(-1)[real], ignore_index=0)
+    # the output layer on padded windows (DESIGN.md).
+    return full_softmax_ce(
+        hidden.reshape(-1, hidden.shape[-1])[real],  # (T, D)
+        model.item_emb.weight,  # (N + 1, D), the tied output layer
+        targets.reshape(-1)[real],  # (T,)
+        label_smoothing,
+    )
 
 
 def _fit_total(bar: tqdm[Any], deadline: float | None, limit: int) -> None:
@@ -166,8 +212,8 @@ def _fit_total(bar: tqdm[Any], deadline: float | None, limit: int) -> None:
     bar.total = max(bar.n, min(limit, fits))
 
 
-def _step(run: _Run, inputs: np.ndarray, targets: np.ndarray) -> float:
-    loss = sequence_loss(run.model, torch.from_numpy(inputs), torch.from_numpy(targets))
+def _step(run: _Run, inputs: np.ndarray, targets: np.ndarray, smoothing: float) -> float:
+    loss = sequence_loss(run.model, torch.from_numpy(inputs), torch.from_numpy(targets), smoothing)
     run.optimizer.zero_grad(set_to_none=True)
     torch.autograd.backward(loss)
     run.optimizer.step()
@@ -177,10 +223,21 @@ def _step(run: _Run, inputs: np.ndarray, targets: np.ndarray) -> float:
     return value
 
 
-def _validate(run: _Run, dataset: SequenceDataset, cfg: TrainConfig, path: Path) -> bool:
+def _validate(
+    run: _Run, dataset: SequenceDataset, cfg: TrainConfig, path: Path, elapsed: float
+) -> bool:
     metrics = evaluate_model(run.model, dataset, "valid", cfg.eval_batch_size)
     run.metrics["latest_valid"] = metrics
     score = metrics[BEST_METRIC]
+    run.history.append(
+        {
+            "epoch": run.epoch,
+            "seconds": run.seconds + elapsed,
+            "loss": run.epoch_loss,
+            "valid_ndcg@10": score,
+            "valid_hr@10": metrics["hr@10"],
+        }
+    )
     logger.info(
         "epoch %d: valid %s=%.4f hr@10=%.4f (best %.4f)",
         run.epoch,
@@ -194,6 +251,7 @@ def _validate(run: _Run, dataset: SequenceDataset, cfg: TrainConfig, path: Path)
         return False
     run.best, run.bad_evals = score, 0
     run.metrics["valid"] = metrics
+    run.metrics["train_seconds"] = run.seconds + elapsed
     _save(path, _checkpoint(run, dataset, cfg))
     return True
 
@@ -227,12 +285,16 @@ def _resume(
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng_state"])
     logger.info("resuming from %s after epoch %d", path, ckpt["epoch"])
+    metrics = dict(ckpt["metrics"])
+    history = [row for row in metrics.pop("history", []) if row["epoch"] <= ckpt["epoch"]]
     return _Run(
         model=model,
         optimizer=optimizer,
         epoch=ckpt["epoch"],
         best=ckpt["best_metric"],
-        metrics=dict(ckpt["metrics"]),
+        seconds=float(metrics.get("train_seconds", 0.0)),
+        metrics=metrics,
+        history=history,
     )
 
 
@@ -253,18 +315,26 @@ def _checkpoint(run: _Run, dataset: SequenceDataset, cfg: TrainConfig) -> dict[s
         "epoch": run.epoch,  # epochs trained, counting the one being saved
         "best_metric_name": BEST_METRIC,
         "best_metric": run.best,
-        "metrics": {k: v for k, v in run.metrics.items() if k != "latest_valid"},
+        "metrics": {
+            **{k: v for k, v in run.metrics.items() if k != "latest_valid"},
+            "history": list(run.history),
+        },
         "state_dict": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "rng_state": torch.get_rng_state(),
     }
 
 
-def _final_test(path: Path, dataset: SequenceDataset, cfg: TrainConfig) -> None:
-    """Score the best model on the test split once and store it in the checkpoint."""
+def _final_test(
+    path: Path, dataset: SequenceDataset, cfg: TrainConfig, run: _Run, seconds: float
+) -> None:
+    """Score the best model on the test split once; store it, the whole validation history
+    and the total training time in the checkpoint."""
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt)
     ckpt["metrics"]["test"] = evaluate_model(model, dataset, "test", cfg.eval_batch_size)
+    ckpt["metrics"]["history"] = list(run.history)
+    ckpt["metrics"]["total_train_seconds"] = seconds
     _save(path, ckpt)
     logger.info(
         "best epoch %d: valid %s=%.4f, test %s=%.4f",

@@ -13,6 +13,7 @@ from model.data import (
     batch_indices,
     eval_examples,
     left_pad,
+    length_batches,
     load_dataset,
     train_sequences,
     training_windows,
@@ -121,6 +122,32 @@ def test_training_windows_shift_targets_by_one():
     inputs, targets = training_windows([np.array([1, 2, 3, 4]), np.array([9]), np.array([5, 6])], 2)
     assert inputs.tolist() == [[2, 3], [0, 5]]  # the 1-item sequence has no pair
     assert targets.tolist() == [[3, 4], [0, 6]]
+
+
+def test_every_window_covers_each_target_of_a_long_history():
+    seq = [np.arange(1, 12)]  # 10 next-item pairs, windows of 3
+    inputs, targets = training_windows(seq, 3, every=True)
+    assert targets.tolist() == [[9, 10, 11], [6, 7, 8], [3, 4, 5], [0, 0, 2]]
+    assert inputs.tolist() == [[8, 9, 10], [5, 6, 7], [2, 3, 4], [0, 0, 1]]
+    # A random shift moves the older cut points; every target still appears, the newest
+    # window stays first, and short sequences give one window as before.
+    for seed in range(5):
+        _, shifted = training_windows(seq, 3, every=True, rng=np.random.default_rng(seed))
+        assert shifted[0].tolist() == [9, 10, 11]
+        assert set(shifted[shifted > 0].tolist()) == set(range(2, 12))
+    short = training_windows([np.array([4, 5, 6])], 3, every=True)
+    assert short[1].tolist() == [[0, 5, 6]]
+
+
+def test_length_batches_group_similar_lengths_and_cover_every_row():
+    lengths = np.random.default_rng(0).integers(1, 200, size=1000)
+    batches = length_batches(lengths, 32, np.random.default_rng(1), pool=8)
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(1000))
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    assert spread < 0.25 * np.ptp(lengths)  # a random batch would span almost everything
+    again = length_batches(lengths, 32, np.random.default_rng(1), pool=8)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
 
 
 def test_batch_indices_cover_all_rows_and_shuffle_reproducibly():

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from model.config import SASRecConfig, TrainConfig
 from model.data import load_dataset
 from model.errors import ConfigError
+from model.loss import full_softmax_ce
 from model.sasrec import SASRec
-from model.train import load_checkpoint, sequence_loss, train
+from model.train import load_checkpoint, lr_at, sequence_loss, train
 from tests.unit.test_data import chain_dataset_dir
 
 torch.set_num_threads(2)
@@ -77,6 +78,29 @@ def test_sequence_loss_equals_cross_entropy_over_all_positions():
     logits = model.logits(model(inputs))  # (B, L, N + 1)
     expected = F.cross_entropy(logits.view(-1, 21), targets.view(-1), ignore_index=0)
     assert torch.allclose(sequence_loss(model, inputs, targets), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_loss_and_gradients_equal_cross_entropy(smoothing: float):
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(21, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 21, (30,))
+    fused = full_softmax_ce(hidden, weight, targets, smoothing)
+    grads = torch.autograd.grad(fused, (hidden, weight))
+    plain = F.cross_entropy(hidden @ weight.T, targets, label_smoothing=smoothing)
+    expected = torch.autograd.grad(plain, (hidden, weight))
+    assert torch.allclose(fused, plain, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, expected, strict=True))
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine():
+    cfg = TrainConfig(epochs=10, lr=2e-3, schedule="cosine", warmup_epochs=2)
+    assert lr_at(cfg, 1.0) == pytest.approx(1e-3)
+    assert lr_at(cfg, 2.0) == pytest.approx(2e-3)
+    assert lr_at(cfg, 6.0) == pytest.approx(1e-3)
+    assert lr_at(cfg, 10.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(TrainConfig(lr=1e-3), 7.5) == 1e-3
 
 
 def test_overfits_one_small_batch():
