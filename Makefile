@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: env demo test test-unit test-integration lint format bench eval clean
+.PHONY: env demo test test-unit test-integration lint format bench eval eval-quick clean
 
 # torch is installed first and pinned: any other spec pulls GBs of CUDA wheels on this box.
 # click<8.4: sentence-transformers (issue 5) would otherwise upgrade it past faust's pin.
@@ -41,9 +41,15 @@ format: env
 bench: env
 	$(BIN)/python -m benchmarks.pipeline --out benchmarks/results/pipeline.json
 
-# Model quality (issue 4 grows this into the full ML-1M table).
+# Model quality: every model and baseline on ML-1M and Video (~50 min on 2 cores), JSON +
+# learning curves in benchmarks/results/, summary in BENCHMARKS.md. DATA=... moves the data root.
+DATA ?= ../shared/data
 eval: env
-	@echo "make eval: the ML-1M evaluation table arrives with the model issue (#4)"; exit 2
+	$(BIN)/python -m benchmarks.eval --data-root $(DATA) --out benchmarks/results/eval.json
+
+# CI-sized: synthetic data + a short ML-1M smoke (skipped when $(DATA) is missing), ≤ 3 min.
+eval-quick: env
+	$(BIN)/python -m benchmarks.eval --quick --data-root $(DATA) --out benchmarks/results/eval-quick.json
 
 clean:
 	rm -rf .demo .pytest_cache .mypy_cache .ruff_cache

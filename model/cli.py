@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 TRAIN_EXTRA = "this command needs the training extra: pip install 'streamrec[train]'"
+BASELINES = ("popularity", "knn-last", "knn-session", "als")
 
 
 def add_commands(subparsers: Any) -> None:
@@ -58,7 +59,12 @@ def _add_evaluate(subparsers: Any) -> None:
     p.add_argument("--data", required=True, help="synthetic:DIR, ml-1m:PATH or video:PATH")
     p.add_argument("--checkpoint", type=Path, help="a ckpt.pt written by `streamrec train`")
     p.add_argument("--bundle", type=Path, help="a bundle directory, scored through onnxruntime")
-    p.add_argument("--baseline", choices=("popularity",), help="also score a baseline")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        choices=BASELINES,
+        help="also score a baseline with its default settings (repeatable)",
+    )
     p.add_argument("--split", choices=("valid", "test"), default="test")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
@@ -142,7 +148,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     _setup_logging()
     try:
         dataset = load_dataset(args.data)
-        results = {name: score(dataset, args) for name, score in _sources(args).items()}
+        results = {name: score(dataset, args, name) for name, score in _sources(args).items()}
     except (ModelError, ExportError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 1
@@ -156,12 +162,12 @@ def _sources(args: argparse.Namespace) -> dict[str, Any]:
         sources["checkpoint"] = _score_checkpoint
     if args.bundle is not None:
         sources["bundle"] = _score_bundle
-    if args.baseline == "popularity":
-        sources["popularity"] = _score_popularity
+    for name in args.baseline or ():
+        sources[name] = _score_baseline
     return sources
 
 
-def _score_checkpoint(dataset: Any, args: argparse.Namespace) -> dict[str, float]:
+def _score_checkpoint(dataset: Any, args: argparse.Namespace, _: str) -> dict[str, float]:
     import torch
 
     from model.errors import CheckpointError
@@ -175,7 +181,7 @@ def _score_checkpoint(dataset: Any, args: argparse.Namespace) -> dict[str, float
     return evaluate_model(model_from_checkpoint(ckpt), dataset, args.split, args.batch_size)
 
 
-def _score_bundle(dataset: Any, args: argparse.Namespace) -> dict[str, float]:
+def _score_bundle(dataset: Any, args: argparse.Namespace, _: str) -> dict[str, float]:
     from export.bundle import load_bundle
     from export.errors import BundleError
     from model.evaluate import evaluate_scores_fn, onnx_score_fn
@@ -187,7 +193,19 @@ def _score_bundle(dataset: Any, args: argparse.Namespace) -> dict[str, float]:
     return evaluate_scores_fn(score_fn, dataset, args.split, bundle.max_len, args.batch_size)
 
 
-def _score_popularity(dataset: Any, args: argparse.Namespace) -> dict[str, float]:
-    from model.evaluate import evaluate_scores_fn, popularity_score_fn
+def _score_baseline(dataset: Any, args: argparse.Namespace, name: str) -> dict[str, float]:
+    from model import baselines as b
+    from model.data import train_sequences
+    from model.evaluate import evaluate_scores_fn
 
-    return evaluate_scores_fn(popularity_score_fn(dataset), dataset, args.split, 1, args.batch_size)
+    seqs, n = train_sequences(dataset), dataset.num_items
+    model: b.Popularity | b.ItemKNN | b.ALS
+    if name == "popularity":
+        model = b.Popularity(seqs, n)
+    elif name == "knn-last":
+        model = b.ItemKNN(seqs, n, b.ItemKNNConfig(alpha=0.8))
+    elif name == "knn-session":
+        model = b.ItemKNN(seqs, n, b.ItemKNNConfig(alpha=0.8, session=10, decay=0.8))
+    else:
+        model = b.ALS(seqs, n, b.ALSConfig(alpha=1.0), max(len(s) for s in dataset.sequences))
+    return evaluate_scores_fn(model.score_fn, dataset, args.split, model.max_len, args.batch_size)

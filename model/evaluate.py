@@ -156,10 +156,6 @@ def onnx_score_fn(model_path: Path, threads: int = 2) -> ScoreFn:
 
 def popularity_score_fn(dataset: SequenceDataset) -> ScoreFn:
     """The baseline: every user gets the training-split click counts as scores."""
-    clicks = np.concatenate(_train_sequences(dataset))
-    counts = np.bincount(clicks, minlength=dataset.num_items + 1).astype(np.float32)
+    from model.baselines import Popularity
 
-    def score(windows: np.ndarray) -> np.ndarray:
-        return np.broadcast_to(counts, (len(windows), len(counts)))
-
-    return score
+    return Popularity(_train_sequences(dataset), dataset.num_items).score_fn

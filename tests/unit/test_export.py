@@ -112,8 +112,10 @@ def test_cli_exports_and_evaluates_bundle_and_checkpoint_alike(trained, tmp_path
     exported = json.loads(capsys.readouterr().out)
     assert exported["model_version"] == load_bundle(out).model_version
     argv = ["evaluate", "--data", data, "--checkpoint", str(ckpt_path), "--bundle", str(out)]
-    assert _run_cli([*argv, "--baseline", "popularity", "--threads", "1"]) == 0
+    baselines = ["--baseline", "popularity", "--baseline", "knn-session"]
+    assert _run_cli([*argv, *baselines, "--threads", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert 0 < result["knn-session"]["ndcg@10"] <= 1
     assert result["split"] == "test"
     assert result["bundle"] == pytest.approx(result["checkpoint"], abs=1e-12)
     assert result["checkpoint"]["ndcg@10"] > result["popularity"]["ndcg@10"]

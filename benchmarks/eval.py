@@ -1,0 +1,314 @@
+"""`make eval`: model quality of SASRec and every baseline on ML-1M and Amazon Video.
+
+One protocol for all (model/evaluate.py): leave-one-out, full ranking over all items, seen
+items and padding masked, pessimistic ties. Baseline settings and SASRec's best epoch are
+chosen on the validation split; the test split is reported. The ML-1M SASRec is exported to a
+bundle and scored again through onnxruntime (the serving path) to state the difference.
+
+    python -m benchmarks.eval --data-root ../shared/data --out benchmarks/results/eval.json
+    python -m benchmarks.eval --quick ...   # CI-sized: synthetic data + a short ML-1M smoke
+
+The data stay where they are (GroupLens forbids redistribution): runs, checkpoints and
+bundles go under --work (default .eval/, git-ignored); only metrics land in the repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.eval_report import plot_curves, update_benchmarks_md
+from model.baselines import ALS, ALSConfig, ItemKNN, ItemKNNConfig, Popularity
+from model.config import SASRecConfig, TrainConfig
+from model.data import SequenceDataset, load_dataset, train_sequences
+from model.evaluate import ScoreFn, evaluate_scores_fn
+from model.train import load_checkpoint, model_from_checkpoint, train
+
+logger = logging.getLogger(__name__)
+
+KNN_LAST = [{"window": w, "alpha": a} for w in (1, 3) for a in (0.5, 0.8, 1.0)]
+KNN_SESSION = [{"session": s, "decay": d, "alpha": 0.8} for s in (5, 10, 20) for d in (0.6, 0.8)]
+ALS_GRID = [{"factors": f, "alpha": a} for f in (64, 128) for a in (0.5, 1.0, 4.0)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one data set runs: SASRec settings and the baseline grids (chosen on valid)."""
+
+    file: str  # under --data-root, or a directory for synthetic data
+    kind: str  # data spec kind: ml-1m, video, synthetic
+    model: dict[str, Any]  # SASRecConfig fields besides num_items
+    train: dict[str, Any]  # TrainConfig fields
+    knn_last: list[dict[str, Any]] = field(default_factory=lambda: KNN_LAST)
+    knn_session: list[dict[str, Any]] = field(default_factory=lambda: KNN_SESSION)
+    als: list[dict[str, Any]] = field(default_factory=lambda: ALS_GRID)
+    export: bool = False  # export a bundle and score it through onnxruntime
+
+
+# The reported configuration (BENCHMARKS.md lists what was compared on validation to get here).
+ML1M_MODEL = {"max_len": 200, "d_model": 64, "n_blocks": 2, "n_heads": 1, "dropout": 0.2}
+ML1M_TRAIN = {
+    "epochs": 60,
+    "batch_size": 128,
+    "lr": 2e-3,
+    "schedule": "cosine",
+    "warmup_epochs": 1.0,
+    "windows": "last",
+    "patience": 1000,
+    "max_seconds": 1800.0,
+}
+VIDEO_MODEL = {"max_len": 50, "d_model": 64, "n_blocks": 2, "n_heads": 1, "dropout": 0.5}
+VIDEO_TRAIN = {
+    "epochs": 20,
+    "batch_size": 128,
+    "lr": 2e-3,
+    "schedule": "cosine",
+    "warmup_epochs": 1.0,
+    "patience": 1000,
+    "max_seconds": 600.0,
+}
+
+FULL = {
+    "ml-1m": Plan("sasrec/ml-1m.txt", "ml-1m", ML1M_MODEL, ML1M_TRAIN, export=True),
+    "video": Plan("sasrec/Video.txt", "video", VIDEO_MODEL, VIDEO_TRAIN),
+}
+SMOKE_GRID: dict[str, list[dict[str, Any]]] = {
+    "knn_last": [{"alpha": 0.8}],
+    "knn_session": [{"session": 10, "decay": 0.8, "alpha": 0.8}],
+    "als": [{"factors": 32, "alpha": 1.0, "iterations": 5}],
+}
+QUICK = {
+    "synthetic": Plan(
+        "", "synthetic", {"max_len": 50, "d_model": 32, "dropout": 0.2},
+        {"epochs": 4, "lr": 3e-3, "max_seconds": 25.0}, **SMOKE_GRID, export=True,
+    ),
+    "ml-1m": Plan(
+        "sasrec/ml-1m.txt", "ml-1m", {"max_len": 50, "d_model": 32, "dropout": 0.2},
+        {"epochs": 2, "lr": 3e-3, "max_seconds": 30.0}, **SMOKE_GRID,
+    ),
+}  # fmt: skip
+
+
+def evaluate_both(score_fn: ScoreFn, ds: SequenceDataset, max_len: int) -> dict[str, Any]:
+    return {s: evaluate_scores_fn(score_fn, ds, s, max_len) for s in ("valid", "test")}
+
+
+def run_grid(
+    name: str, build: Any, grid: list[dict[str, Any]], ds: SequenceDataset
+) -> dict[str, Any]:
+    """Fit every setting of the grid, keep the best validation NDCG@10, report its test."""
+    tried, best = [], None
+    for params in grid:
+        started = time.monotonic()
+        model = build(params)
+        seconds = time.monotonic() - started
+        valid = evaluate_scores_fn(model.score_fn, ds, "valid", model.max_len)
+        tried.append({"config": params, "valid_ndcg@10": valid["ndcg@10"], "fit_s": seconds})
+        if best is None or valid["ndcg@10"] > best[1]["ndcg@10"]:
+            best = (model, valid, seconds)
+    assert best is not None
+    model, valid, seconds = best
+    test = evaluate_scores_fn(model.score_fn, ds, "test", model.max_len)
+    logger.info("%s: valid ndcg@10 %.4f, test %.4f", name, valid["ndcg@10"], test["ndcg@10"])
+    return {
+        "model": name,
+        "config": model.config,
+        "valid": valid,
+        "test": test,
+        "train_seconds": seconds,
+        "parameters": model.size,
+        "bytes": 4 * model.size,
+        "tried": tried,
+    }
+
+
+def run_baselines(ds: SequenceDataset, plan: Plan) -> list[dict[str, Any]]:
+    seqs = train_sequences(ds)
+    n = ds.num_items
+    longest = max(len(s) for s in ds.sequences)
+    return [
+        run_grid("popularity", lambda _: Popularity(seqs, n), [{}], ds),
+        run_grid(
+            "item-kNN (last item)",
+            lambda p: ItemKNN(seqs, n, ItemKNNConfig(**p)),
+            plan.knn_last,
+            ds,
+        ),
+        run_grid(
+            "item-kNN (session)",
+            lambda p: ItemKNN(seqs, n, ItemKNNConfig(**p)),
+            plan.knn_session,
+            ds,
+        ),
+        run_grid(
+            "ALS (implicit MF)", lambda p: ALS(seqs, n, ALSConfig(**p), longest), plan.als, ds
+        ),
+    ]
+
+
+def run_sasrec(ds: SequenceDataset, plan: Plan, work: Path, threads: int) -> dict[str, Any]:
+    model_cfg = SASRecConfig(num_items=ds.num_items, **plan.model)
+    train_cfg = TrainConfig(threads=threads, **plan.train)
+    started = time.monotonic()
+    path = train(ds, model_cfg, train_cfg, work, progress=sys.stderr.isatty())
+    wall = time.monotonic() - started
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt)
+    params = sum(p.numel() for p in model.parameters())
+    metrics = ckpt["metrics"]
+    return {
+        "model": "SASRec (streamrec)",
+        "config": {**model_cfg.to_dict(), **train_cfg.to_dict()},
+        "valid": metrics["valid"],
+        "test": metrics["test"],
+        "train_seconds": metrics["total_train_seconds"],
+        "wall_seconds": wall,
+        "best_epoch": ckpt["epoch"],
+        "epochs_run": len(metrics["history"]),
+        "parameters": params,
+        "bytes": 4 * params,
+        "history": metrics["history"],
+        "checkpoint": str(path),
+    }
+
+
+def check_bundle(ds: SequenceDataset, row: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Export, then score the bundle through onnxruntime exactly as `streamrec evaluate` does."""
+    from export.bundle import load_bundle
+    from export.onnx_export import export_bundle
+    from model.evaluate import onnx_score_fn
+
+    bundle = load_bundle(export_bundle(Path(row["checkpoint"]), out))
+    via_onnx = evaluate_both(onnx_score_fn(bundle.model_path, 2), ds, bundle.max_len)
+    diffs = {
+        split: max(abs(via_onnx[split][k] - row[split][k]) for k in row[split])
+        for split in ("valid", "test")
+    }
+    return {
+        "bundle": str(out),
+        "model_version": bundle.model_version,
+        "onnx_test": via_onnx["test"],
+        "onnx_valid": via_onnx["valid"],
+        "max_abs_metric_diff": diffs,
+        "score_parity_max_abs_diff": bundle.manifest.metrics.get("onnx_parity_max_abs_diff"),
+    }
+
+
+def data_spec(name: str, plan: Plan, data_root: Path, work: Path) -> str | None:
+    if plan.kind == "synthetic":
+        return f"synthetic:{synthetic_dir(work / 'synthetic')}"
+    path = data_root / plan.file
+    if not path.is_file():
+        print(f"eval: {path} not found, skipping {name}", file=sys.stderr)
+        return None
+    return f"{plan.kind}:{path}"
+
+
+def synthetic_dir(out: Path) -> Path:
+    from stream.synthetic import SyntheticConfig, generate, write_dataset
+
+    if not (out / "clicks.csv").is_file():
+        config = SyntheticConfig()
+        items, clicks = generate(config)
+        write_dataset(out, items, clicks, config)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        cpu = f"{len(names)} x {names[0]}" if names else cpu
+    return {
+        "cpu": cpu,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average": list(_loadavg()),
+    }
+
+
+def _loadavg() -> tuple[float, ...]:
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())
+    except OSError:
+        return ()
+
+
+def git_commit() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/eval.json"))
+    p.add_argument("--work", type=Path, default=Path(".eval"), help="runs and bundles go here")
+    p.add_argument("--quick", action="store_true", help="CI-sized: synthetic + ML-1M smoke")
+    p.add_argument("--only", nargs="*", help="data set names to run (default: all of the plan)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-md", action="store_true", help="do not update BENCHMARKS.md")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    plans = QUICK if args.quick else FULL
+    started = time.time()
+    report: dict[str, Any] = {
+        "command": " ".join(["python -m benchmarks.eval", *(argv or sys.argv[1:])]),
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "git": git_commit(),
+        "machine": machine(),
+        "datasets": {},
+    }
+    for name, plan in plans.items():
+        if args.only and name not in args.only:
+            continue
+        spec = data_spec(name, plan, args.data_root, args.work)
+        if spec is None:
+            report["datasets"][name] = {"skipped": f"{args.data_root / plan.file} not found"}
+            continue
+        report["datasets"][name] = run_dataset(name, spec, plan, args)
+    report["machine"]["load_average_end"] = list(_loadavg())
+    report["total_seconds"] = time.time() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    curves = args.out.with_name(args.out.stem + "_curves.png")
+    plot_curves(report, curves)
+    if not args.quick and not args.no_md:
+        update_benchmarks_md(report, Path("BENCHMARKS.md"), args.out, curves)
+    print(f"eval: wrote {args.out} and {curves} in {report['total_seconds']:.0f} s")
+    return 0
+
+
+def run_dataset(name: str, spec: str, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    ds = load_dataset(spec)
+    rows = run_baselines(ds, plan)
+    sasrec = run_sasrec(ds, plan, args.work / "runs" / name, args.threads)
+    rows.append(sasrec)
+    out: dict[str, Any] = {"description": ds.description, "rows": rows}
+    if plan.export:
+        out["onnx"] = check_bundle(ds, sasrec, args.work / "bundles" / name)
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
