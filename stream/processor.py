@@ -379,14 +379,17 @@ class Processor:
             [index[i] for i in batch.touched[u].session.items if i in index]  # type: ignore[union-attr]
             for u in users
         ]
-        item_seq = left_pad(windows, self.scorer.max_len)
+        # The session may be longer than the model's window: the model sees the last max_len
+        # items, but every item of the session is excluded from the list.
+        seen = left_pad(windows, max(self.scorer.max_len, max(map(len, windows))))
+        item_seq = np.ascontiguousarray(seen[:, -self.scorer.max_len :])
         try:
             scores = self.scorer.score(item_seq)
         except ScoringError:
             logger.exception("batch scoring failed; scoring users one by one")
             self.metrics.errors.labels("scoring").inc()
             scores = self._score_rows(users, item_seq, batch)
-        best, best_scores = top_k(scores, item_seq, self.settings.top_k)
+        best, best_scores = top_k(scores, seen, self.settings.top_k)
         generated = now_ms()
         version = self.scorer.model_version
         item_ids = self.bundle.item_ids
