@@ -126,10 +126,10 @@ def test_invalid_config_is_refused():
         TrainConfig(max_seconds=0)
 
 
-def _train_tiny(data: Path, out: Path, epochs: int, resume: bool = False) -> dict:
+def _train_tiny(data: Path, out: Path, epochs: int, resume: bool = False, **options) -> dict:
     ds = load_dataset(f"synthetic:{data}")
     model_cfg = SASRecConfig(num_items=ds.num_items, max_len=8, d_model=16, n_heads=2)
-    train_cfg = TrainConfig(epochs=epochs, batch_size=8, lr=5e-3, seed=3, patience=50)
+    train_cfg = TrainConfig(epochs=epochs, batch_size=8, lr=5e-3, seed=3, patience=50, **options)
     return load_checkpoint(train(ds, model_cfg, train_cfg, out, progress=False, resume=resume))
 
 
@@ -153,3 +153,16 @@ def test_training_is_reproducible_and_resumable(tmp_path: Path):
     resumed = _train_tiny(data, tmp_path / "c", epochs=3, resume=True)
     assert _same_weights(resumed, a)
     assert resumed["epoch"] == a["epoch"]
+
+
+def test_every_window_cosine_and_smoothing_train_reproducibly_with_a_history(tmp_path: Path):
+    data = chain_dataset_dir(tmp_path / "data", num_items=40, num_users=30)
+    options = {"windows": "all", "schedule": "cosine", "warmup_epochs": 0.5}
+    a = _train_tiny(data, tmp_path / "a", epochs=3, label_smoothing=0.1, **options)
+    b = _train_tiny(data, tmp_path / "b", epochs=3, label_smoothing=0.1, **options)
+    assert _same_weights(a, b)
+    history = a["metrics"]["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert all(row["loss"] > 0 and 0 <= row["valid_ndcg@10"] <= 1 for row in history)
+    assert a["best_metric"] == max(row["valid_ndcg@10"] for row in history)
+    assert 0 < a["metrics"]["train_seconds"] <= a["metrics"]["total_train_seconds"]
