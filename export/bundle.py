@@ -70,11 +70,16 @@ class Manifest:
             unknown = [name for name in inputs if name not in KNOWN_INPUTS]
             if "item_seq" not in inputs or unknown:
                 raise BundleError(f"bundle inputs {inputs} do not follow the contract")
+            max_len, num_items = int(raw["max_len"]), int(raw["num_items"])
+            if max_len < 1 or num_items < 1:
+                raise BundleError(
+                    f"bundle max_len {max_len} and num_items {num_items} must be >= 1"
+                )
             return cls(
                 model_name=str(raw["model_name"]),
                 model_version=str(raw["model_version"]),
-                max_len=int(raw["max_len"]),
-                num_items=int(raw["num_items"]),
+                max_len=max_len,
+                num_items=num_items,
                 files={str(k): str(v) for k, v in dict(raw["files"]).items()},
                 inputs=inputs,
                 created_ts=float(raw.get("created_ts", 0.0)),
@@ -83,7 +88,7 @@ class Manifest:
                 config=dict(raw.get("config", {})),
                 format_version=version,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise BundleError(f"manifest.json is malformed: {exc!r}") from exc
 
 
@@ -152,6 +157,8 @@ def read_items_csv(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
                 titles.append(row.get("title") or "")
     except (KeyError, ValueError, csv.Error) as exc:
         raise BundleError(f"items.csv is malformed: {exc!r}") from exc
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc}") from exc
     return tuple(ids), tuple(titles)
 
 
@@ -214,7 +221,7 @@ def load_bundle(path: Path | str) -> Bundle:
         raise BundleError(f"{path} is not a model bundle (no {MANIFEST}); run `streamrec export`")
     try:
         raw = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise BundleError(f"cannot read {manifest_path}: {exc}") from exc
     manifest = Manifest.from_dict(raw)
     for required in (ITEMS, MODEL):
@@ -224,7 +231,10 @@ def load_bundle(path: Path | str) -> Bundle:
         file = path / name
         if not file.is_file():
             raise BundleIntegrityError(f"bundle file {name} is missing from {path}")
-        actual = sha256_file(file)
+        try:
+            actual = sha256_file(file)
+        except OSError as exc:
+            raise BundleError(f"cannot read bundle file {file}: {exc}") from exc
         if actual != expected:
             raise BundleIntegrityError(
                 f"bundle file {name} has sha256 {actual[:12]}…, manifest says {expected[:12]}…: "

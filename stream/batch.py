@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import orjson
 from confluent_kafka import Message
 
 from stream.codec import ClickEvent, Invalid
@@ -74,3 +75,18 @@ def control_of(msg: Message) -> bytes | None:
             value = header[1]
             return value if isinstance(value, bytes) else str(value or "").encode()
     return None
+
+
+def decode_control(kind: bytes, key: bytes | None, value: bytes | None) -> Forget | Invalid:
+    if kind != FORGET:
+        return Invalid("unknown_event_type", f"control {kind[:32]!r}")
+    try:
+        body = orjson.loads(value or b"")
+    except orjson.JSONDecodeError as exc:
+        return Invalid("not_json", str(exc)[:200])
+    user = body.get("user_id") if isinstance(body, dict) else None
+    if not isinstance(user, str) or not user.strip():
+        return Invalid("missing_field", "user_id")
+    if key is not None and key != user.encode("utf-8"):
+        return Invalid("key_mismatch", "record key differs from user_id")
+    return Forget(user)

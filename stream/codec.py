@@ -121,7 +121,10 @@ def _validate(
     if not isinstance(event_type, str):
         return Invalid("wrong_type", "event_type must be a string")
     if event_type not in EVENT_TYPES:
-        return Invalid("unknown_event_type", event_type[:64])
+        return Invalid(
+            "unknown_event_type",
+            f"event_type {event_type[:64]!r} is not one of {sorted(EVENT_TYPES)}",
+        )
     if ts < 0:
         return Invalid("ts_negative", str(ts))
     if ts > now_ms + limits.max_future_skew_ms:

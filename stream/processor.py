@@ -24,13 +24,14 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from export.bundle import Bundle
 from export.errors import ExportError
+from stream.assignment import Assignment
 from stream.batch import (
-    FORGET,
     Batch,
     Forget,
     Touched,
     control_of,
     dead_letter_headers,
+    decode_control,
     now_ms,
     source_of,
 )
@@ -45,12 +46,7 @@ from stream.ops import Health, OpsServer
 from stream.reload import BundleSource
 from stream.scoring import OnnxScorer, Scorer, left_pad, top_k
 from stream.state import RocksSessionStore, Session, SessionStore
-from stream.state.changelog import (
-    ChangelogWriter,
-    changelog_topic,
-    ensure_changelog,
-    restore_partition,
-)
+from stream.state.changelog import ChangelogWriter, changelog_topic, ensure_changelog
 from stream.stats import ProcessorStats, Timer
 
 logger = logging.getLogger(__name__)
@@ -88,8 +84,9 @@ class Processor:
         self.delivery = DeliveryTracker(make_producer(settings.kafka, **producer_conf))
         self.changelog = ChangelogWriter(changelog_topic(settings.group), self.delivery)
         self.lag = LagTracker(self.consumer, self.metrics)
-        self.assigned: set[tuple[str, int]] = set()
-        self._applied: dict[tuple[str, int], int] = {}
+        self.assignment = Assignment(
+            settings.kafka, self.changelog.topic, self.store, self.lag, self.metrics, self.health
+        )
         self._stop = threading.Event()
         self._last_log = self._last_reload_check = time.monotonic()
         # Bound now, so a busy port fails at start-up and the address is known at once.
@@ -129,7 +126,10 @@ class Processor:
         if self.exactly_once:
             self.delivery.producer.init_transactions(30)
         self.consumer.subscribe(
-            [topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            [topic],
+            on_assign=self.assignment.on_assign,
+            on_revoke=self.assignment.on_revoke,
+            on_lost=self.assignment.on_lost,
         )
         logger.info(
             "processor started: group=%s topic=%s model=%s state=%s guarantee=%s",
@@ -179,65 +179,6 @@ class Processor:
         if self._ops is not None:
             self._ops.stop()
         logger.info("processor stopped after %d events", self.stats.consumed)
-
-    # -- rebalances and restoration ------------------------------------------------------------
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        committed = consumer.committed(partitions, timeout=30) if partitions else []
-        self.lag.on_assign(committed)
-        for tp in committed:
-            self._restore_if_behind(tp.topic, tp.partition, tp.offset)
-            self.assigned.add((tp.topic, tp.partition))
-        self._assignment_changed("assign", partitions)
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Every batch is committed before the next poll: nothing of these is pending here.
-        for tp in partitions:
-            self.assigned.discard((tp.topic, tp.partition))
-            self._applied.pop((tp.topic, tp.partition), None)
-        self.lag.on_revoke(partitions)
-        self._assignment_changed("revoke", partitions)
-
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        logger.warning("partitions lost without a revoke (session expired?); their new owner "
-                       "replays from the last commit")  # fmt: skip
-        self._on_revoke(consumer, partitions)
-
-    def _assignment_changed(self, kind: str, partitions: list[TopicPartition]) -> None:
-        self.metrics.rebalances.labels(kind).inc()
-        self.metrics.assigned.set(len(self.assigned))
-        self.health.assigned = len(self.assigned)
-        logger.info("%s %s -> now %s", kind, sorted(tp.partition for tp in partitions),
-                    sorted(p for _, p in self.assigned))  # fmt: skip
-
-    def _restore_if_behind(self, topic: str, partition: int, committed: int) -> None:
-        """Rebuild a partition's sessions from the changelog when this store lacks committed
-        events (new machine, lost disk, the partition was processed elsewhere meanwhile)."""
-        applied = self.store.applied_offset(topic, partition)
-        self._applied.pop((topic, partition), None)
-        if committed < 0 or applied >= committed - 1:
-            return  # nothing committed yet, or this store has every committed event
-        logger.info(
-            "restoring %s[%d] from the changelog: store has offsets < %d, group committed %d",
-            topic, partition, applied + 1, committed,
-        )  # fmt: skip
-        self.health.restoring += 1
-        self.metrics.restoring.inc()
-        try:
-            result = restore_partition(
-                self.settings.kafka, self.changelog.topic, partition, committed
-            )
-            self.store.write(result.sessions, {(topic, partition): committed - 1})
-        finally:
-            self.health.restoring -= 1
-            self.metrics.restoring.dec()
-        self.metrics.restored_records.inc(result.records)
-        self.metrics.restore_seconds.observe(result.seconds)
-        logger.info(
-            "restored %s[%d]: %d changelog records, %d sessions, %d uncommitted events cut, "
-            "%.2fs",
-            topic, partition, result.records, len(result.sessions), result.events_dropped,
-            result.seconds,
-        )  # fmt: skip
 
     def _on_stats(self, raw: str) -> None:
         """librdkafka statistics (every second, from poll): is any broker connection up?"""
@@ -320,7 +261,7 @@ class Processor:
             control = control_of(msg)
             result: ClickEvent | Forget | Invalid
             if control is not None:
-                result = _decode_control(control, msg.key(), msg.value())
+                result = decode_control(control, msg.key(), msg.value())
             else:
                 result = decode_click(
                     msg.key(), msg.value(), known_items=self.item_index, now_ms=now, limits=limits
@@ -331,12 +272,6 @@ class Processor:
                 events.append((msg, result))
         return events
 
-    def _applied_offset(self, topic: str, partition: int) -> int:
-        key = (topic, partition)
-        if key not in self._applied:
-            self._applied[key] = self.store.applied_offset(topic, partition)
-        return self._applied[key]
-
     def _apply(self, events: list[tuple[Message, ClickEvent | Forget]], batch: Batch) -> None:
         for msg, event in events:
             topic, partition, offset = source_of(msg)
@@ -346,7 +281,7 @@ class Processor:
                 touched = batch.touched[user] = Touched(self.store.get(user), msg, event)
             else:
                 touched.msg, touched.event = msg, event
-            if offset <= self._applied_offset(topic, partition):
+            if offset <= self.assignment.applied_offset(topic, partition):
                 # Redelivered after a crash between the store write and the commit.
                 self.stats.replayed += 1
                 self.metrics.replayed.inc()
@@ -364,7 +299,7 @@ class Processor:
     def _write_state(self, batch: Batch) -> None:
         applied = {k: v - 1 for k, v in batch.next_offsets.items()}
         self.store.write({u: t.session for u, t in batch.touched.items()}, applied)
-        self._applied.update(applied)
+        self.assignment.note_applied(applied)
 
     def _score(self, batch: Batch) -> None:
         users = [u for u, t in batch.touched.items() if t.session is not None]
@@ -418,20 +353,27 @@ class Processor:
         self.metrics.scored.inc(len(users) - len(batch.failed))
 
     def _score_rows(self, users: list[str], item_seq: np.ndarray, batch: Batch) -> np.ndarray:
-        """Fallback after a failed batch call: a poison row goes to the DLQ, not the batch.
+        """Fallback after a failed batch call: bisect to the rows the model cannot score.
 
-        The user's session keeps the event (it was valid); only their output is skipped.
+        Those users' latest records go to the DLQ (`scoring_failed`); their sessions keep the
+        events (they were valid), only their outputs are skipped. Bisection costs
+        O(failures · log batch) model calls instead of one per user.
         """
-        rows = []
-        for row, user in enumerate(users):
+        scores = np.full((len(users), len(self.bundle.item_ids)), -np.inf, dtype=np.float32)
+        pending = [(0, len(users))]
+        while pending:
+            lo, hi = pending.pop()
             try:
-                rows.append(self.scorer.score(item_seq[row : row + 1])[0])
+                scores[lo:hi] = self.scorer.score(item_seq[lo:hi])
             except ScoringError as exc:
-                batch.failed.add(user)
+                if hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    pending += [(lo, mid), (mid, hi)]
+                    continue
+                batch.failed.add(users[lo])
                 invalid = Invalid("scoring_failed", str(exc)[:200])
-                batch.dead.append((batch.touched[user].msg, invalid))
-                rows.append(np.full(len(self.bundle.item_ids), -np.inf, dtype=np.float32))
-        return np.stack(rows)
+                batch.dead.append((batch.touched[users[lo]].msg, invalid))
+        return scores
 
     def _produce(self, batch: Batch) -> None:
         topics = self.settings.topics
@@ -506,18 +448,3 @@ class Processor:
             sum(self.stats.dead_letters.values()),
             self.lag.total,
         )
-
-
-def _decode_control(kind: bytes, key: bytes | None, value: bytes | None) -> Forget | Invalid:
-    if kind != FORGET:
-        return Invalid("unknown_event_type", f"control {kind[:32]!r}")
-    try:
-        body = orjson.loads(value or b"")
-    except orjson.JSONDecodeError as exc:
-        return Invalid("not_json", str(exc)[:200])
-    user = body.get("user_id") if isinstance(body, dict) else None
-    if not isinstance(user, str) or not user.strip():
-        return Invalid("missing_field", "user_id")
-    if key is not None and key != user.encode("utf-8"):
-        return Invalid("key_mismatch", "record key differs from user_id")
-    return Forget(user)

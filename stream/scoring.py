@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from export.bundle import Bundle
+from export.bundle import KNOWN_INPUTS, Bundle
 from stream.errors import ScoringError
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,27 @@ class OnnxScorer:
         self._check_contract()
 
     def _check_contract(self) -> None:
+        """Refuse a model that does not follow the bundle contract when it is loaded, not on
+        its first batch (a hot reload would otherwise dead-letter every event afterwards)."""
         inputs = {i.name: i for i in self._session.get_inputs()}
-        outputs = [o.name for o in self._session.get_outputs()]
+        outputs = {o.name: o for o in self._session.get_outputs()}
         if "item_seq" not in inputs or "scores" not in outputs:
             raise ScoringError(
-                f"model.onnx has inputs {sorted(inputs)} and outputs {outputs}; the bundle "
+                f"model.onnx has inputs {sorted(inputs)} and outputs {list(outputs)}; the bundle "
                 "contract needs input item_seq and output scores"
+            )
+        problems = []
+        extra = sorted(set(inputs) - set(KNOWN_INPUTS))
+        if extra:
+            problems.append(f"inputs {extra} are not in the contract {list(KNOWN_INPUTS)}")
+        for name in KNOWN_INPUTS:
+            if name in inputs:
+                problems += _tensor_problems(inputs[name], "tensor(int64)", self.max_len)
+        problems += _tensor_problems(outputs["scores"], "tensor(float)", self.bundle.num_items + 1)
+        if problems:
+            raise ScoringError(
+                f"{self.bundle.model_path} does not follow the bundle contract: "
+                + "; ".join(problems)
             )
         self._uses_time = "time_seq" in inputs
 
@@ -67,7 +82,24 @@ class OnnxScorer:
             (scores,) = self._session.run(["scores"], feeds)
         except Exception as exc:
             raise ScoringError(f"onnxruntime failed on a batch of {len(item_seq)}: {exc}") from exc
+        width = self.bundle.num_items + 1
+        if scores.shape != (len(item_seq), width):  # dims the model left symbolic
+            raise ScoringError(
+                f"model returned scores of shape {scores.shape} for a batch of {len(item_seq)}; "
+                f"the contract says ({len(item_seq)}, {width})"
+            )
         return np.asarray(scores, dtype=np.float32)
+
+
+def _tensor_problems(arg: ort.NodeArg, dtype: str, width: int) -> list[str]:
+    """(batch, width) of `dtype`; a symbolic or unknown dim is accepted (checked per batch)."""
+    problems = []
+    if arg.type != dtype:
+        problems.append(f"{arg.name} is {arg.type}, the contract says {dtype}")
+    shape = arg.shape
+    if shape is not None and (len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != width)):
+        problems.append(f"{arg.name} has shape {shape}, the contract says [batch, {width}]")
+    return problems
 
 
 def top_k(scores: FloatArray, item_seq: IntArray, k: int) -> tuple[IntArray, FloatArray]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -67,58 +67,65 @@ class ChangelogWriter:
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class RestoreResult:
-    partition: int
-    records: int
-    sessions: dict[str, Session | None]
-    events_dropped: int
-    seconds: float
+    records: int = 0
+    sessions: dict[str, Session | None] = field(default_factory=dict)
+    events_dropped: int = 0
+    seconds: float = 0.0
+
+
+def restore_partitions(
+    kafka: KafkaSettings,
+    topic: str,
+    committed: dict[int, int],
+    timeout_s: float = 600.0,
+    progress_every: int = 100_000,
+) -> dict[int, RestoreResult]:
+    """Read changelog partitions to their ends (one consumer for all of them); each session
+    is cut back to the events at input offsets < that partition's `committed` offset."""
+    started = time.monotonic()
+    results = {p: RestoreResult() for p in committed}
+    if not committed:
+        return results
+    consumer = make_consumer(kafka, f"{topic}-restore", **{"enable.partition.eof": True})
+    pending = set(committed)
+    try:
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in committed])
+        while pending:
+            if time.monotonic() - started > timeout_s:
+                raise StateError(f"restoring {topic}{sorted(pending)} took over {timeout_s}s")
+            for msg in consumer.consume(10_000, timeout=0.2):
+                partition = msg.partition()
+                assert partition is not None
+                err = msg.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        raise StreamKafkaError(f"restore read failed: {err.str()}", err.name())
+                    pending.discard(partition)
+                    results[partition].seconds = time.monotonic() - started
+                    continue
+                _fold(results[partition], msg.key(), msg.value(), committed[partition])
+                if results[partition].records % progress_every == 0:
+                    logger.info("restoring %s[%d]: %d records read", topic, partition,
+                                results[partition].records)  # fmt: skip
+    finally:
+        consumer.close()
+    return results
+
+
+def _fold(result: RestoreResult, key: bytes | None, value: bytes | None, committed: int) -> None:
+    result.records += 1
+    user = (key or b"").decode("utf-8")
+    if value is None:
+        result.sessions[user] = None
+        return
+    session = Session.from_bytes(value)
+    result.events_dropped += session.truncate_before(committed)
+    result.sessions[user] = session if session.items or session.count else None
 
 
 def restore_partition(
-    kafka: KafkaSettings,
-    topic: str,
-    partition: int,
-    committed: int,
-    timeout_s: float = 300.0,
-    progress_every: int = 100_000,
+    kafka: KafkaSettings, topic: str, partition: int, committed: int
 ) -> RestoreResult:
-    """Read one changelog partition to its end; sessions cut back to offsets < `committed`."""
-    started = time.monotonic()
-    consumer = make_consumer(
-        kafka, f"{topic}-restore", **{"enable.partition.eof": True, "fetch.max.bytes": 52428800}
-    )
-    sessions: dict[str, Session | None] = {}
-    records = dropped = 0
-    try:
-        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
-        deadline = started + timeout_s
-        while True:
-            if time.monotonic() > deadline:
-                raise StateError(f"restoring {topic}[{partition}] took over {timeout_s}s")
-            msgs = consumer.consume(10_000, timeout=0.5)
-            done = False
-            for msg in msgs:
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        done = True
-                        continue
-                    raise StreamKafkaError(f"restore read failed: {err.str()}", err.name())
-                records += 1
-                user = (msg.key() or b"").decode("utf-8")
-                value = msg.value()
-                if value is None:
-                    sessions[user] = None
-                    continue
-                session = Session.from_bytes(value)
-                dropped += session.truncate_before(committed)
-                sessions[user] = session if session.items else None
-                if records % progress_every == 0:
-                    logger.info("restoring %s[%d]: %d records", topic, partition, records)
-            if done:
-                break
-    finally:
-        consumer.close()
-    return RestoreResult(partition, records, sessions, dropped, time.monotonic() - started)
+    return restore_partitions(kafka, topic, {partition: committed})[partition]

@@ -272,11 +272,6 @@ def test_the_writer_refuses_inputs_outside_the_contract_and_leaves_nothing(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"], "no bundle, no staging dir"
 
 
-# Known defects of export.bundle (strict xfails below): an infinite number raises OverflowError
-# and a deeply nested manifest RecursionError, where a BundleError is due (the processor's hot
-# reload catches ExportError only, so either one would stop it). Drop this allowance when fixed.
-KNOWN_LOADER_DEFECTS: tuple[type[BaseException], ...] = (OverflowError, RecursionError)
-
 manifest_values = st.recursive(
     st.none()
     | st.booleans()
@@ -328,17 +323,9 @@ def test_hostile_manifest_values_give_a_bundle_error_or_a_bundle(
             loaded = load_bundle(bundle)
         except BundleError:
             return
-        except KNOWN_LOADER_DEFECTS:
-            return
         assert loaded.item_ids[1:] == tuple(i for i, _ in catalogue())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="export.bundle: int(inf) raises OverflowError, which Manifest.from_dict does not "
-    "turn into a BundleError",
-)
 @pytest.mark.parametrize("field", ["max_len", "num_items", "format_version"])
 def test_an_infinite_number_in_the_manifest_is_a_bundle_error(good: Path, field: str) -> None:
     edit_manifest(good, lambda raw: raw.__setitem__(field, float("inf")))  # JSON: Infinity
@@ -346,23 +333,12 @@ def test_an_infinite_number_in_the_manifest_is_a_bundle_error(good: Path, field:
         load_bundle(good)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="export.bundle: json.loads raises RecursionError on deep nesting; load_bundle "
-    "catches OSError and ValueError only",
-)
 def test_a_deeply_nested_manifest_is_a_bundle_error(good: Path) -> None:
     (good / MANIFEST).write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
     with pytest.raises(BundleError):
         load_bundle(good)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,  # "DID NOT RAISE": the bundle was accepted
-    reason="export.bundle: max_len and num_items are not checked to be >= 1",
-)
 @pytest.mark.parametrize(("field", "value"), [("max_len", 0), ("max_len", -3), ("num_items", 0)])
 def test_non_positive_sizes_are_refused(good: Path, field: str, value: int) -> None:
     if field == "num_items":  # an empty catalogue, with a hash that matches it
@@ -413,12 +389,6 @@ CONTRACT_GAPS = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,  # "DID NOT RAISE": the model was accepted, nothing else
-    reason="stream.scoring.OnnxScorer._check_contract checks input/output names only "
-    "(not dtypes, ranks, static dims or extra inputs)",
-)
 @pytest.mark.parametrize("kwargs", CONTRACT_GAPS)
 def test_a_model_that_breaks_the_contract_otherwise_is_refused_when_loaded(
     tmp_path: Path, kwargs: dict[str, Any]

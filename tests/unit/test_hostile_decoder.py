@@ -24,10 +24,6 @@ LATEST = NOW + LIMITS.max_future_skew_ms
 ITEMS = frozenset({"i1", "i2", "i00017", "ítem-ü", "商品-7", "🎬 film", "a" * LIMITS.max_id_length})
 INPUT_REASONS = frozenset(REASONS) - {"scoring_failed"}  # the decoder never blames the model
 
-# Known defect (see test_an_empty_event_type_gets_a_detail, strict xfail): an empty event_type is
-# refused with an empty detail. Drop this allowance when the codec is fixed and that test passes.
-EMPTY_EVENT_TYPE_DETAIL_DEFECT = True
-
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 QUICK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -41,8 +37,7 @@ def assert_obeys_the_rules(key: bytes | None, result: object) -> None:
     if isinstance(result, Invalid):
         assert result.reason in INPUT_REASONS, result
         assert isinstance(result.detail, str), result
-        known_defect = EMPTY_EVENT_TYPE_DETAIL_DEFECT and result.reason == "unknown_event_type"
-        assert result.detail or known_defect, f"{result.reason} with an empty detail"
+        assert result.detail, f"{result.reason} with an empty detail"
         return
     assert isinstance(result, ClickEvent), f"decode returned {type(result).__name__}"
     for name in ("user_id", "item_id"):
@@ -272,11 +267,6 @@ def test_unknown_event_types_are_refused(event_type: str, user: str, item: str) 
     assert isinstance(result, Invalid) and result.reason == "unknown_event_type"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codec: Invalid('unknown_event_type', event_type[:64]) has an empty detail when "
-    "event_type is ''; the DLQ header streamrec.dlq.detail is then empty",
-)
 def test_an_empty_event_type_gets_a_detail() -> None:
     result = decode(b"u1", orjson.dumps(valid_body("u1", "i1", NOW, "")))
     assert isinstance(result, Invalid) and result.reason == "unknown_event_type"
