@@ -42,6 +42,8 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     p.add_argument("--warmup-epochs", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--future", type=int, default=1, help="upcoming items each position learns")
+    p.add_argument("--future-decay", type=float, default=0.5, help="weight ratio per step ahead")
     p.add_argument("--max-seconds", type=float, default=None, help="wall-clock budget")
     p.add_argument("--eval-every", type=int, default=1, help="epochs between validations")
     p.add_argument("--patience", type=int, default=10, help="validations without improvement")
@@ -112,6 +114,8 @@ def _train(args: argparse.Namespace) -> int:
             schedule=args.schedule,
             warmup_epochs=args.warmup_epochs,
             label_smoothing=args.label_smoothing,
+            future=args.future,
+            future_decay=args.future_decay,
             seed=args.seed,
             threads=args.threads,
             max_seconds=args.max_seconds,

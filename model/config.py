@@ -64,16 +64,22 @@ class TrainConfig:
     schedule: Schedule = "constant"
     warmup_epochs: float = 0.0  # linear warmup from 0 to lr over this many epochs
     label_smoothing: float = 0.0  # of the full-softmax cross-entropy; 0 = plain CE
+    # Each position learns the next `future` items of its window, the one j + 1 steps ahead
+    # with weight future_decay^j (normalised); 1 = next item only, as in SASRec.
+    future: int = 1
+    future_decay: float = 0.5
 
     def __post_init__(self) -> None:
         _positive(self, ("epochs", "batch_size", "threads", "eval_every", "patience"))
-        _positive(self, ("eval_batch_size",))
+        _positive(self, ("eval_batch_size", "future"))
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError(
                 f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
             )
         if self.windows not in ("last", "all") or self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"unknown windows {self.windows!r} or schedule {self.schedule!r}")
+        if not 0.0 < self.future_decay <= 1.0:
+            raise ConfigError(f"future_decay must be in (0, 1], got {self.future_decay}")
         if self.warmup_epochs < 0 or not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(
                 f"warmup_epochs must be >= 0 and label_smoothing in [0, 1), got "

@@ -42,11 +42,11 @@ class _FullSoftmaxCE(torch.autograd.Function):
         hidden: torch.Tensor,
         weight: torch.Tensor,
         targets: torch.Tensor,
+        target_weights: torch.Tensor,
         smoothing: float,
     ) -> torch.Tensor:
         logits = torch.mm(hidden, weight.T, out=_take(len(hidden), len(weight), hidden))  # (T, C)
-        rows = torch.arange(len(targets))
-        target_logit = logits[rows, targets]  # (T,)
+        target_logit = (logits.gather(1, targets) * target_weights).sum(dim=1)  # (T,)
         mean_logit = logits.mean(dim=1) if smoothing else None  # (T,)
         top = logits.amax(dim=1, keepdim=True)  # (T, 1)
         probs = logits.sub_(top).exp_()  # (T, C), unnormalised
@@ -58,36 +58,49 @@ class _FullSoftmaxCE(torch.autograd.Function):
         probs.div_(total)
         ctx.probs = probs
         ctx.smoothing = smoothing
-        ctx.save_for_backward(hidden, weight, targets)
+        ctx.save_for_backward(hidden, weight, targets, target_weights)
         return loss.mean()
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, targets = ctx.saved_tensors
+        hidden, weight, targets, target_weights = ctx.saved_tensors
         probs: torch.Tensor = ctx.probs  # (T, C), freed with ctx
         smoothing: float = ctx.smoothing
         T, C = probs.shape
-        # d loss / d logits = (softmax - smoothed one-hot) / T, built in the probs buffer.
+        # d loss / d logits = (softmax - smoothed target distribution) / T, in the probs buffer.
         grad = probs
         if smoothing:
             grad.sub_(smoothing / C)
-        grad[torch.arange(T), targets] -= 1.0 - smoothing
+        rows = torch.arange(T).unsqueeze(1).expand_as(targets)  # (T, K)
+        grad.index_put_((rows, targets), target_weights * (smoothing - 1.0), accumulate=True)
         grad.mul_(grad_outputs[0] / T)
         grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None  # (T, D)
         grad_weight = grad.T @ hidden if ctx.needs_input_grad[1] else None  # (C, D)
         ctx.probs = None
         _give_back(probs)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def full_softmax_ce(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    smoothing: float = 0.0,
+    target_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of (T, D) hidden rows against all C rows of weight (C, D); targets
-    (T,) int64 in [0, C). Rows are never ignored: select the real targets before calling."""
+    """Mean cross-entropy of (T, D) hidden rows against all C rows of weight (C, D).
+
+    targets: (T,) int64 in [0, C), or (T, K) with target_weights (T, K) whose rows sum to 1:
+    a target distribution over K items per row (repeats add up). Rows are never ignored:
+    select the real ones before calling.
+    """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0
+    if targets.dim() == 1:
+        targets = targets.unsqueeze(1)  # (T, 1)
+    if target_weights is None:
+        target_weights = torch.ones(targets.shape, dtype=hidden.dtype)
     out: torch.Tensor = _FullSoftmaxCE.apply(  # type: ignore[no-untyped-call]
-        hidden, weight, targets, float(smoothing)
+        hidden, weight, targets, target_weights.to(hidden.dtype), float(smoothing)
     )
     return out

@@ -94,6 +94,23 @@ def test_fused_loss_and_gradients_equal_cross_entropy(smoothing: float):
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, expected, strict=True))
 
 
+def test_future_targets_weigh_the_next_items_of_the_window():
+    model = tiny()
+    inputs = left_padded([1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
+    targets = left_padded([2, 3, 4, 5], [6, 7, 8, 9, 10, 11])
+    log_p = F.log_softmax(model.logits(model(inputs)), dim=-1)  # (B, L, N + 1)
+    per_position = []
+    for b, p in (targets != 0).nonzero().tolist():
+        ahead = [(0.5**j, targets[b, p + j]) for j in range(3) if p + j < 8]
+        total = sum(w for w, _ in ahead)
+        per_position.append(sum(-w * log_p[b, p, t] for w, t in ahead) / total)
+    expected = torch.stack(per_position).mean()
+    got = sequence_loss(model, inputs, targets, future=3, future_decay=0.5)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(sequence_loss(model, inputs, targets, future=1), F.cross_entropy(
+        log_p.view(-1, 21), targets.view(-1), ignore_index=0), atol=1e-5)  # fmt: skip
+
+
 def test_learning_rate_warms_up_then_follows_the_cosine():
     cfg = TrainConfig(epochs=10, lr=2e-3, schedule="cosine", warmup_epochs=2)
     assert lr_at(cfg, 1.0) == pytest.approx(1e-3)
