@@ -88,18 +88,25 @@ class Assignment:
         self.metrics.restoring.set(len(behind))
         try:
             by_partition = {p: c for (_, p), c in behind.items()}
-            results = restore_partitions(self.kafka, self.changelog, by_partition)
-            for (topic, partition), committed in behind.items():
-                result = results[partition]
-                # The sessions and the offset they cover land together: a crash here leaves
-                # the store behind, and the next assignment restores again.
-                self.store.write(result.sessions, {(topic, partition): committed - 1})
+            topics = {p: t for (t, p) in behind}
+            # Sessions land in chunks; each partition's marker only after all of its sessions,
+            # so a crash mid-restore leaves the store behind and the next assignment restores
+            # again.
+            results = restore_partitions(
+                self.kafka,
+                self.changelog,
+                by_partition,
+                lambda partition, sessions: self.store.write(sessions, {}),
+            )
+            for partition, result in results.items():
+                topic = topics[partition]
+                self.store.write({}, {(topic, partition): by_partition[partition] - 1})
                 self.metrics.restored_records.inc(result.records)
                 self.metrics.restore_seconds.observe(result.seconds)
                 logger.info(
                     "restored %s[%d]: %d changelog records, %d sessions, %d uncommitted "
                     "events cut, %.2fs",
-                    topic, partition, result.records, len(result.sessions),
+                    topic, partition, result.records, result.sessions,
                     result.events_dropped, result.seconds,
                 )  # fmt: skip
         finally:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -70,22 +71,30 @@ class ChangelogWriter:
 @dataclass
 class RestoreResult:
     records: int = 0
-    sessions: dict[str, Session | None] = field(default_factory=dict)
+    sessions: int = 0  # distinct users written (tombstones included)
     events_dropped: int = 0
     seconds: float = 0.0
+
+
+Sink = Callable[[int, dict[str, Session | None]], None]
 
 
 def restore_partitions(
     kafka: KafkaSettings,
     topic: str,
     committed: dict[int, int],
-    timeout_s: float = 600.0,
-    progress_every: int = 100_000,
+    sink: Sink,
+    *,
+    chunk: int = 50_000,
+    timeout_s: float = 900.0,
 ) -> dict[int, RestoreResult]:
-    """Read changelog partitions to their ends (one consumer for all of them); each session
-    is cut back to the events at input offsets < that partition's `committed` offset."""
+    """Read changelog partitions to their ends (one consumer for all of them); every session is
+    cut back to the events at input offsets < that partition's `committed` offset and handed to
+    `sink(partition, sessions)` in chunks (memory stays bounded for millions of users; a later
+    chunk overwrites an earlier one's users, as the changelog's order says)."""
     started = time.monotonic()
     results = {p: RestoreResult() for p in committed}
+    buffers: dict[int, dict[str, Session | None]] = {p: {} for p in committed}
     if not committed:
         return results
     consumer = make_consumer(kafka, f"{topic}-restore", **{"enable.partition.eof": True})
@@ -102,30 +111,35 @@ def restore_partitions(
                 if err is not None:
                     if err.code() != KafkaError._PARTITION_EOF:
                         raise StreamKafkaError(f"restore read failed: {err.str()}", err.name())
-                    pending.discard(partition)
-                    results[partition].seconds = time.monotonic() - started
+                    if partition in pending:
+                        pending.discard(partition)
+                        _drain(sink, partition, buffers[partition], results[partition])
+                        results[partition].seconds = time.monotonic() - started
                     continue
-                _fold(results[partition], msg.key(), msg.value(), committed[partition])
-                if results[partition].records % progress_every == 0:
-                    logger.info("restoring %s[%d]: %d records read", topic, partition,
-                                results[partition].records)  # fmt: skip
+                result, buffer = results[partition], buffers[partition]
+                result.records += 1
+                user = (msg.key() or b"").decode("utf-8")
+                buffer[user] = _cut(msg.value(), committed[partition], result)
+                if len(buffer) >= chunk:
+                    _drain(sink, partition, buffer, result)
+                    logger.info("restoring %s[%d]: %d records", topic, partition, result.records)
     finally:
         consumer.close()
     return results
 
 
-def _fold(result: RestoreResult, key: bytes | None, value: bytes | None, committed: int) -> None:
-    result.records += 1
-    user = (key or b"").decode("utf-8")
+def _cut(value: bytes | None, committed: int, result: RestoreResult) -> Session | None:
     if value is None:
-        result.sessions[user] = None
-        return
+        return None
     session = Session.from_bytes(value)
     result.events_dropped += session.truncate_before(committed)
-    result.sessions[user] = session if session.items or session.count else None
+    return session if session.items or session.count else None
 
 
-def restore_partition(
-    kafka: KafkaSettings, topic: str, partition: int, committed: int
-) -> RestoreResult:
-    return restore_partitions(kafka, topic, {partition: committed})[partition]
+def _drain(
+    sink: Sink, partition: int, buffer: dict[str, Session | None], result: RestoreResult
+) -> None:
+    if buffer:
+        sink(partition, dict(buffer))
+        result.sessions += len(buffer)
+        buffer.clear()

@@ -11,7 +11,7 @@ from pathlib import Path
 from stream.config import KafkaSettings, TopicSettings
 from stream.kafka.lag import LagProbe
 from stream.state import RocksSessionStore, Session
-from stream.state.changelog import restore_partition
+from stream.state.changelog import restore_partitions
 from tests.integration.kafka_utils import wait_for
 
 
@@ -85,8 +85,9 @@ def changelog_sessions(
 ) -> dict[str, Session | None]:
     """The latest changelog value per user, uncut (everything is committed once drained)."""
     out: dict[str, Session | None] = {}
-    for p in range(partitions):
-        out.update(restore_partition(kafka, topic, p, committed=2**62).sessions)
+    restore_partitions(
+        kafka, topic, dict.fromkeys(range(partitions), 2**62), lambda p, s: out.update(s)
+    )
     return out
 
 
