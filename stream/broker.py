@@ -136,7 +136,9 @@ class EmbeddedBroker:
             return 0
         return self._proc.wait()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout_s`: Tansu waits for open client connections
+        to drain on SIGTERM, and its storage is memory only, so nothing is lost by killing."""
         proc, self._proc = self._proc, None
         log, self._log = self._log, None
         if log is not None:

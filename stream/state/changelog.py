@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from stream.config import KafkaSettings
@@ -76,7 +76,7 @@ class RestoreResult:
     seconds: float = 0.0
 
 
-Sink = Callable[[int, dict[str, Session | None]], None]
+Sink = Callable[[int, dict[str, Session | bytes | None]], None]
 
 
 def restore_partitions(
@@ -94,7 +94,7 @@ def restore_partitions(
     chunk overwrites an earlier one's users, as the changelog's order says)."""
     started = time.monotonic()
     results = {p: RestoreResult() for p in committed}
-    buffers: dict[int, dict[str, Session | None]] = {p: {} for p in committed}
+    buffers: dict[int, dict[str, Session | bytes | None]] = {p: {} for p in committed}
     if not committed:
         return results
     consumer = make_consumer(kafka, f"{topic}-restore", **{"enable.partition.eof": True})
@@ -119,7 +119,7 @@ def restore_partitions(
                 result, buffer = results[partition], buffers[partition]
                 result.records += 1
                 user = (msg.key() or b"").decode("utf-8")
-                buffer[user] = _cut(msg.value(), committed[partition], result)
+                buffer[user] = _cut(msg, committed[partition], result)
                 if len(buffer) >= chunk:
                     _drain(sink, partition, buffer, result)
                     logger.info("restoring %s[%d]: %d records", topic, partition, result.records)
@@ -128,16 +128,29 @@ def restore_partitions(
     return results
 
 
-def _cut(value: bytes | None, committed: int, result: RestoreResult) -> Session | None:
+def _cut(msg: Message, committed: int, result: RestoreResult) -> Session | bytes | None:
+    value = msg.value()
     if value is None:
         return None
+    if _source_offset(msg) < committed:
+        return value  # all of it committed (the common case): stored as is, never decoded
     session = Session.from_bytes(value)
     result.events_dropped += session.truncate_before(committed)
     return session if session.items or session.count else None
 
 
+def _source_offset(msg: Message) -> int:
+    """The last input offset the record's session covers (2**63 if unknown: decode it)."""
+    for header in msg.headers() or []:
+        if isinstance(header, tuple) and header[0] == SOURCE_OFFSET:
+            value = header[1]
+            if isinstance(value, bytes) and value.isdigit():
+                return int(value)
+    return 2**63
+
+
 def _drain(
-    sink: Sink, partition: int, buffer: dict[str, Session | None], result: RestoreResult
+    sink: Sink, partition: int, buffer: dict[str, Session | bytes | None], result: RestoreResult
 ) -> None:
     if buffer:
         sink(partition, dict(buffer))

@@ -84,7 +84,9 @@ class SessionStore(Protocol):
     def applied_offset(self, topic: str, partition: int) -> int: ...
 
     def write(
-        self, sessions: Mapping[str, Session | None], applied: Mapping[tuple[str, int], int]
+        self,
+        sessions: Mapping[str, Session | bytes | None],
+        applied: Mapping[tuple[str, int], int],
     ) -> None: ...
 
     def approx_sessions(self) -> int: ...
@@ -120,16 +122,19 @@ class RocksSessionStore:
         return -1 if raw is None else int(raw)
 
     def write(
-        self, sessions: Mapping[str, Session | None], applied: Mapping[tuple[str, int], int]
+        self,
+        sessions: Mapping[str, Session | bytes | None],
+        applied: Mapping[tuple[str, int], int],
     ) -> None:
-        """Sessions (None deletes one) and the applied-offset markers, in one WriteBatch."""
+        """Sessions (None deletes one; bytes are an encoded session) and the applied-offset
+        markers, in one WriteBatch."""
         batch = WriteBatch(raw_mode=True)
         for user_id, session in sessions.items():
             key = _SESSION + user_id.encode("utf-8")
             if session is None:
                 batch.delete(key)
             else:
-                batch.put(key, session.to_bytes())
+                batch.put(key, session if isinstance(session, bytes) else session.to_bytes())
         for (topic, partition), offset in applied.items():
             batch.put(_offset_key(topic, partition), str(offset).encode())
         try:
