@@ -8,9 +8,6 @@ the last commit. Results go to JSON; BENCHMARKS.md summarises them with command,
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -20,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.meta import run_metadata, write_result
 from export.bundle import load_bundle
 from stream.broker import EmbeddedBroker
 from stream.config import KafkaSettings, ProcessorSettings, TopicSettings
@@ -114,19 +112,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work:
         bundle = ensure_bundle(Path(work), args.bundle, args.train_seconds)
         result = {
-            "command": " ".join(["python -m benchmarks.pipeline", *sys.argv[1:]]),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
-            "commit": subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-            ).stdout.strip(),
+            **run_metadata(),
             "model": load_bundle(bundle).manifest.config,
             "model_ceiling_seq_per_s": model_ceiling(bundle),
             "end_to_end": end_to_end(bundle, args.events),
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import resource
-import subprocess
 import tempfile
 import time
 import uuid
@@ -24,6 +21,7 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
+from benchmarks.meta import run_metadata, write_result
 from benchmarks.pipeline import ensure_bundle
 from stream.broker import EmbeddedBroker
 from stream.config import KafkaSettings, TopicSettings
@@ -145,22 +143,14 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=300.0)
     parser.add_argument("--bundle", type=Path)
     args = parser.parse_args()
-    result: dict[str, object] = {
-        "command": "python -m benchmarks.recovery " + " ".join(os.sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                 capture_output=True, text=True).stdout.strip(),
-    }  # fmt: skip
+    result: dict[str, object] = dict(run_metadata())
     result["restore"] = [bench_restore(n) for n in args.users]
     print(json.dumps(result["restore"], indent=2), flush=True)
     if args.soak_minutes > 0:
         with tempfile.TemporaryDirectory() as work:
             bundle = ensure_bundle(Path(work), args.bundle, 20)
             result["soak"] = bench_soak(bundle, args.soak_minutes, args.rate)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

@@ -32,7 +32,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Final, Literal, get_args
 
 import orjson
@@ -42,7 +41,7 @@ from stream.codec import SCHEMA_VERSION, RecommendedItem
 from stream.config import KafkaSettings
 from stream.errors import KafkaError
 from stream.kafka.admin import partition_count
-from stream.kafka.clients import commit_offsets, make_consumer
+from stream.kafka.clients import ClosingContext, commit_offsets, make_consumer
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +203,7 @@ class _Entry:
     topic_partition: int  # where it was read (recs), for dropping users on a revoke
 
 
-class RecsSubscriber:
+class RecsSubscriber(ClosingContext):
     """Follows the recommendations topic and keeps each user's latest valid list in memory."""
 
     def __init__(
@@ -312,17 +311,6 @@ class RecsSubscriber:
             self._closed = True
             # Leaves the group at once (if any): a member that just vanishes stalls the next join.
             self._consumer.close()
-
-    def __enter__(self) -> RecsSubscriber:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- internals (called with the lock held) ----------------------------------------------
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
@@ -14,6 +15,24 @@ from stream.errors import DeliveryError, KafkaError
 
 logger = logging.getLogger(__name__)
 _kafka_log = logging.getLogger("librdkafka")
+
+
+class ClosingContext:
+    """`with X(...) as x:` calls `x.close()` on the way out, whatever happened."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def make_consumer(kafka: KafkaSettings, group_id: str, **overrides: Any) -> Consumer:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from types import TracebackType
 
 from confluent_kafka import OFFSET_END, Consumer, Message, TopicPartition
 
 from stream.config import KafkaSettings
 from stream.kafka.admin import partition_count
-from stream.kafka.clients import make_consumer
+from stream.kafka.clients import ClosingContext, make_consumer
 from stream.metrics import ProcessorMetrics
 
 
@@ -35,7 +34,7 @@ class PartitionLag:
         return max(self.end - (self.committed if self.committed is not None else self.start), 0)
 
 
-class LagProbe:
+class LagProbe(ClosingContext):
     """Reads the group's committed offsets and the topic's true end offsets. Never commits."""
 
     def __init__(self, kafka: KafkaSettings, group: str, topic: str) -> None:
@@ -81,17 +80,6 @@ class LagProbe:
 
     def close(self) -> None:
         self._consumer.close()
-
-    def __enter__(self) -> LagProbe:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class LagTracker:
