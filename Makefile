@@ -47,9 +47,10 @@ DATA ?= ../shared/data
 eval: env
 	$(BIN)/python -m benchmarks.eval --data-root $(DATA) --out benchmarks/results/eval.json
 
-# CI-sized: synthetic data + a short ML-1M smoke (skipped when $(DATA) is missing), ≤ 3 min.
+# CI-sized: synthetic data + a short ML-1M smoke (skipped when $(DATA) is missing), ≤ 3 min;
+# results stay in .eval/ (git-ignored).
 eval-quick: env
-	$(BIN)/python -m benchmarks.eval --quick --data-root $(DATA) --out benchmarks/results/eval-quick.json
+	$(BIN)/python -m benchmarks.eval --quick --data-root $(DATA) --out .eval/eval-quick.json
 
 clean:
 	rm -rf .demo .pytest_cache .mypy_cache .ruff_cache
