@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from benchmarks.eval_report import plot_curves, update_benchmarks_md
+from benchmarks.meta import run_metadata
 from model.baselines import ALS, ALSConfig, ItemKNN, ItemKNNConfig, Popularity
 from model.config import SASRecConfig, TrainConfig
 from model.data import SequenceDataset, load_dataset, train_sequences
@@ -226,16 +227,13 @@ def synthetic_dir(out: Path) -> Path:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                 if ln.startswith("model name")]  # fmt: skip
-        cpu = f"{len(names)} x {names[0]}" if names else cpu
+    """What run_metadata leaves out and a shared 2-core box needs: CPU model, torch, load."""
+    names = []
+    if Path("/proc/cpuinfo").is_file():
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
     return {
-        "cpu": cpu,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        "cpu": f"{len(names)} x {names[0]}" if names else platform.processor(),
         "torch": torch.__version__,
         "load_average": list(_loadavg()),
     }
@@ -248,13 +246,14 @@ def _loadavg() -> tuple[float, ...]:
         return ()
 
 
-def git_commit() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+def _dirty() -> bool:
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return bool(status.stdout.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,11 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     plans = QUICK if args.quick else FULL
     started = time.time()
     report: dict[str, Any] = {
-        "command": " ".join(["python -m benchmarks.eval", *(argv or sys.argv[1:])]),
+        **run_metadata(),
         "quick": args.quick,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "git": git_commit(),
-        "machine": machine(),
+        "dirty": _dirty(),
+        "cpu": machine(),
         "datasets": {},
     }
     for name, plan in plans.items():
@@ -287,15 +285,17 @@ def main(argv: list[str] | None = None) -> int:
             report["datasets"][name] = {"skipped": f"{args.data_root / plan.file} not found"}
             continue
         report["datasets"][name] = run_dataset(name, spec, plan, args)
-    report["machine"]["load_average_end"] = list(_loadavg())
+    report["cpu"]["load_average_end"] = list(_loadavg())
     report["total_seconds"] = time.time() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     curves = args.out.with_name(args.out.stem + "_curves.png")
-    plot_curves(report, curves)
+    written = [args.out, plot_curves(report, curves)]
     if not args.quick and not args.no_md:
         update_benchmarks_md(report, Path("BENCHMARKS.md"), args.out, curves)
-    print(f"eval: wrote {args.out} and {curves} in {report['total_seconds']:.0f} s")
+        written.append(Path("BENCHMARKS.md"))
+    names = ", ".join(str(p) for p in written if p is not None)
+    print(f"eval: wrote {names} in {report['total_seconds']:.0f} s")
     return 0
 
 

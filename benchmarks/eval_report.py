@@ -75,14 +75,14 @@ def render(report: dict[str, Any], json_path: Path, png_path: Path) -> str:
             continue
         lines.extend(_row(r["model"], name, r) for r in data["rows"])
     lines += ["", *_target_lines(report), *_onnx_lines(report), ""]
-    m = report["machine"]
-    git = report["git"]
+    cpu = report["cpu"]
     lines += [
         f"- command: `make eval` (`{report['command']}`), {report['total_seconds'] / 60:.0f} min",
-        f"- machine: {m['cpu']}, torch {m['torch']}, 2 threads; load average at start "
-        f"{m['load_average']}, at end {m.get('load_average_end')} (the box is shared)",
-        f"- date: {report['date']}; commit `{git['commit'][:12]}`"
-        + (" (with uncommitted changes)" if git["dirty"] else ""),
+        f"- machine: {report['machine']}; {cpu['cpu']}, torch {cpu['torch']}, 2 threads; load "
+        f"average at start {cpu['load_average']}, at end {cpu.get('load_average_end')} "
+        "(the box is shared with other work)",
+        f"- date: {report['date']}; commit `{report['commit']}`"
+        + (" (with uncommitted changes)" if report["dirty"] else ""),
         f"- results: [`{json_path}`]({json_path}); learning curves: ![curves]({png_path})",
     ]
     return "\n".join(lines)
