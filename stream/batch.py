@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -25,6 +26,29 @@ def source_of(msg: Message) -> tuple[str, int, int]:
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
     assert topic is not None and partition is not None and offset is not None
     return topic, partition, offset
+
+
+def in_offset_order(msgs: Sequence[Message]) -> Sequence[Message]:
+    """The batch in offset order per partition, each offset once.
+
+    A rebalance inside a poll (a partition lost under load and assigned back, for instance)
+    can hand back records from the committed offset after newer ones of the same partition;
+    applied as they come, a session would get events out of order and the store's marker
+    would move back. The usual, already ordered batch is returned as is after a linear check.
+    """
+    last: dict[tuple[str | None, int | None], int] = {}
+    ordered = True
+    for msg in msgs:
+        key = (msg.topic(), msg.partition())
+        offset = msg.offset() or 0
+        if offset <= last.get(key, -1):
+            ordered = False
+            break
+        last[key] = offset
+    if ordered:
+        return msgs
+    unique = {(m.topic(), m.partition(), m.offset()): m for m in msgs}
+    return [unique[k] for k in sorted(unique, key=lambda k: (k[0] or "", k[1] or 0, k[2] or 0))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +79,19 @@ class Batch:
 
 def dead_letter_headers(msg: Message, invalid: Invalid) -> list[tuple[str, str | bytes | None]]:
     """Why and where from: the value stays the original bytes (Kafka Connect's DLQ convention)."""
+    return list(dead_letter_headers_at(msg.topic() or "", msg.partition(), msg.offset(), invalid))
+
+
+def dead_letter_headers_at(
+    topic: str, partition: int | None, offset: int | None, invalid: Invalid
+) -> list[tuple[str, bytes]]:
+    """The DLQ headers for a record at topic/partition/offset (any Kafka client's record)."""
     return [
         ("streamrec.dlq.reason", invalid.reason.encode()),
         ("streamrec.dlq.detail", invalid.detail.encode("utf-8", "replace")),
-        ("streamrec.dlq.topic", (msg.topic() or "").encode()),
-        ("streamrec.dlq.partition", str(msg.partition()).encode()),
-        ("streamrec.dlq.offset", str(msg.offset()).encode()),
+        ("streamrec.dlq.topic", topic.encode()),
+        ("streamrec.dlq.partition", str(partition).encode()),
+        ("streamrec.dlq.offset", str(offset).encode()),
         ("streamrec.dlq.ts", str(now_ms()).encode()),
     ]
 

@@ -32,6 +32,7 @@ from stream.batch import (
     control_of,
     dead_letter_headers,
     decode_control,
+    in_offset_order,
     now_ms,
     source_of,
 )
@@ -230,7 +231,7 @@ class Processor:
     def process_batch(self, msgs: Sequence[Message]) -> None:
         batch = Batch()
         with self._timed("decode"):
-            events = self._decode(msgs, batch)
+            events = self._decode(in_offset_order(msgs), batch)
         with self._timed("state"):
             self._apply(events, batch)
             if not self.exactly_once:
@@ -297,7 +298,10 @@ class Processor:
             self.metrics.applied.inc()
 
     def _write_state(self, batch: Batch) -> None:
-        applied = {k: v - 1 for k, v in batch.next_offsets.items()}
+        # A marker never moves back: a batch of nothing but replays must not lower it.
+        applied = {
+            k: max(v - 1, self.assignment.applied_offset(*k)) for k, v in batch.next_offsets.items()
+        }
         self.store.write({u: t.session for u, t in batch.touched.items()}, applied)
         self.assignment.note_applied(applied)
 
@@ -383,7 +387,10 @@ class Processor:
             self.delivery.produce(topics.recs, user.encode("utf-8"), value)
         for user, touched in batch.touched.items():
             _, partition, offset = source_of(touched.msg)
-            self.changelog.write(user, touched.session, partition, offset)
+            # The header must cover the session's content: after a replay the stored session
+            # may already hold events beyond this batch's records.
+            covered = max(offset, touched.session.offset) if touched.session else offset
+            self.changelog.write(user, touched.session, partition, covered)
         for msg, invalid in batch.dead:
             headers = dead_letter_headers(msg, invalid)
             self.delivery.produce(topics.dlq, msg.key(), msg.value(), headers)
