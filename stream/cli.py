@@ -147,6 +147,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         processing_guarantee=args.processing_guarantee,
     )
     logger.info("kafka: %s", settings.kafka.redacted())
+    if args.engine == "faust":
+        # Imported here: faust is an optional extra (`pip install streamrec[faust]`).
+        from stream.faust_engine import run as run_faust
+
+        return run_faust(settings)
     processor = Processor(settings)
     _install_stop(processor.stop)
     processor.run()
@@ -276,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--processing-guarantee",
         choices=["at-least-once", "exactly-once"],
         help="at-least-once (default) or exactly-once (Kafka transactions; Apache Kafka only)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["default", "faust"],
+        default="default",
+        help="default, or faust: the same pipeline as a faust-streaming app (the faust extra)",
     )
     p.set_defaults(func=cmd_run)
 
