@@ -23,18 +23,20 @@ default-engine deployment. Differences:
 - Redeliveries (a crash between a table write and Faust's next offset commit, every 2.8 s)
   are recognised per user: a session holds the input offset of its last event, and an event at
   or below it is not appended again (one user's events are all in one partition, in order).
-- Throughput: 2.3–2.8k events/s draining 50k preloaded clicks on the embedded broker (2 cores,
-  d=64, L=50, 2,000 items) against 26–27k for the default engine on the same data. Batches are
-  `take_events(--batch-max, within=poll_timeout_s)`; Faust's per-event asyncio path (one
-  task hand-off per record) costs far more than the model.
+- Throughput: 2.4–2.6k events/s draining 50k preloaded clicks on the embedded broker (2 shared
+  cores, d=64, L=50, 2,000 items) against 28–33k for the default engine, in paired runs on
+  the same data (~12x; 1.0–1.5k vs 12–18k when the box was busier). Batches are
+  `take_events(--batch-max, within=poll_timeout_s)`, ~300 events each; Faust's per-event
+  asyncio path (a task hand-off per record) costs far more than the model.
 - Not here: hot model reload, /metrics /livez /readyz (`--metrics-addr` is ignored),
   exactly-once, SASL/SSL. `forget` requests work (session deleted, tombstone to `recs`).
 - Embedded-broker workaround: Tansu answers list-offsets with the start of a partition's last
   record batch + 1, not its end. On every start Faust checks that a table's persisted changelog
   offset is not above that answer, and a restart on the same state dir crashed with
   ConsistencyError (19 > 17). `producer_max_batch_size=1` (bytes) makes every produced record
-  its own batch, so the answer is exact. It costs ~20 % of the throughput (2.9k events/s
-  without it); on Apache Kafka it is not needed and `faust_settings()` is the place to drop it.
+  its own batch, so the answer is exact (restores also read the changelog up to it). It cost
+  a fifth of the throughput in a paired run (2.3k vs 2.9k events/s); Apache Kafka does not
+  need it: drop it in `faust_settings()`.
 """
 
 from __future__ import annotations
