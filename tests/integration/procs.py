@@ -85,9 +85,12 @@ def changelog_sessions(
 ) -> dict[str, Session | None]:
     """The latest changelog value per user, uncut (everything is committed once drained)."""
     out: dict[str, Session | None] = {}
-    restore_partitions(
-        kafka, topic, dict.fromkeys(range(partitions), 2**62), lambda p, s: out.update(s)
-    )
+
+    def collect(partition: int, sessions: dict[str, Session | bytes | None]) -> None:
+        for user, s in sessions.items():
+            out[user] = Session.from_bytes(s) if isinstance(s, bytes) else s
+
+    restore_partitions(kafka, topic, dict.fromkeys(range(partitions), 2**62), collect)
     return out
 
 
