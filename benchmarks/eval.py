@@ -249,8 +249,9 @@ def _loadavg() -> tuple[float, ...]:
 
 
 def _dirty() -> bool:
+    """Whether the code that produces the numbers differs from the commit."""
     status = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", "model", "export"],
         capture_output=True,
         text=True,
         check=False,
