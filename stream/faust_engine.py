@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import faust
-import numpy as np
 from faust.streams import _current_event
 from faust.types import EventT, StreamT
 
@@ -62,12 +61,18 @@ from stream.batch import (
     decode_control,
     now_ms,
 )
-from stream.codec import ClickEvent, Invalid, RecommendedItem, decode_click, encode_recommendation
+from stream.codec import ClickEvent, Invalid, decode_click, encode_recommendation
 from stream.config import ProcessorSettings
-from stream.errors import ConfigError, ScoringError
+from stream.errors import ConfigError
 from stream.kafka.admin import partition_count
 from stream.reload import BundleSource
-from stream.scoring import OnnxScorer, left_pad, top_k
+from stream.scoring import (
+    OnnxScorer,
+    model_inputs,
+    ranked_items,
+    score_isolating_failures,
+    top_k,
+)
 from stream.state import Session
 
 logger = logging.getLogger(__name__)
@@ -333,31 +338,23 @@ class FaustEngine:
         batch.outputs += [(u, None) for u, t in batch.touched.items() if t.session is None]
         if not users:
             return
-        index = self.item_index
-        sessions = [batch.touched[u].session for u in users]
-        windows = [[index[i] for i in s.items if i in index] for s in sessions if s is not None]
-        # The model sees the last max_len items; every session item is excluded from the list.
-        seen = left_pad(windows, max(self.scorer.max_len, max(map(len, windows))))
-        item_seq = np.ascontiguousarray(seen[:, -self.scorer.max_len :])
-        scores, failed = self._model(item_seq)
+        sessions = [batch.touched[u].session.items for u in users]  # type: ignore[union-attr]
+        seen, item_seq = model_inputs(sessions, self.item_index, self.scorer.max_len)
+        scores, failed = score_isolating_failures(self.scorer, item_seq, len(self.bundle.item_ids))
         best, best_scores = top_k(scores, seen, self.settings.top_k)
         generated = now_ms()
-        item_ids = self.bundle.item_ids
         for row, user in enumerate(users):
             touched = batch.touched[user]
             if row in failed:
-                batch.dead.append((touched.event, failed[row]))
+                batch.dead.append(
+                    (touched.event, Invalid("scoring_failed", str(failed[row])[:200]))
+                )
                 continue
-            items = [
-                RecommendedItem(item_ids[int(i)], float(s), rank)
-                for rank, (i, s) in enumerate(zip(best[row], best_scores[row], strict=True), 1)
-                if i > 0
-            ]
             _, partition, offset = _where(touched.event)
             event_ts = touched.click.ts if isinstance(touched.click, ClickEvent) else generated
             value = encode_recommendation(
                 user_id=user,
-                items=items,
+                items=ranked_items(best[row], best_scores[row], self.bundle.item_ids),
                 model_version=self.scorer.model_version,
                 partition=partition,
                 offset=offset,
@@ -365,23 +362,6 @@ class FaustEngine:
                 generated_ts=generated,
             )
             batch.outputs.append((user, value))
-
-    def _model(self, item_seq: np.ndarray) -> tuple[np.ndarray, dict[int, Invalid]]:
-        """One call for the batch; if the model rejects it, row by row (the rows it still
-        rejects are dead-lettered as `scoring_failed`; their sessions keep the events)."""
-        try:
-            return self.scorer.score(item_seq), {}
-        except ScoringError:
-            logger.exception("batch scoring failed; scoring users one by one")
-        width = len(self.bundle.item_ids)
-        scores = np.full((len(item_seq), width), -np.inf, dtype=np.float32)
-        failed: dict[int, Invalid] = {}
-        for row in range(len(item_seq)):
-            try:
-                scores[row] = self.scorer.score(item_seq[row : row + 1])[0]
-            except ScoringError as exc:
-                failed[row] = Invalid("scoring_failed", str(exc)[:200])
-        return scores, failed
 
 
 def _applied(session: Session | None, partition: int, offset: int) -> bool:

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
 
@@ -36,16 +35,23 @@ from stream.batch import (
     now_ms,
     source_of,
 )
-from stream.codec import ClickEvent, Invalid, RecommendedItem, decode_click, encode_recommendation
+from stream.codec import ClickEvent, Invalid, decode_click, encode_recommendation
 from stream.config import ProcessorSettings
-from stream.errors import DeliveryError, ScoringError, StreamError
+from stream.errors import DeliveryError, StreamError
 from stream.kafka.admin import partition_count
 from stream.kafka.clients import DeliveryTracker, commit_offsets, make_consumer, make_producer
 from stream.kafka.lag import LagTracker
 from stream.metrics import ProcessorMetrics
 from stream.ops import Health, OpsServer
 from stream.reload import BundleSource
-from stream.scoring import OnnxScorer, Scorer, left_pad, top_k
+from stream.scoring import (
+    OnnxScorer,
+    Scorer,
+    model_inputs,
+    ranked_items,
+    score_isolating_failures,
+    top_k,
+)
 from stream.state import RocksSessionStore, Session, SessionStore
 from stream.state.changelog import ChangelogWriter, changelog_topic, ensure_changelog
 from stream.stats import ProcessorStats, Timer
@@ -312,40 +318,26 @@ class Processor:
                 batch.outputs.append((user, None))  # a tombstone: the user was forgotten
         if not users:
             return
-        index = self.item_index
-        # Items unknown to this bundle (a swap to a smaller catalogue) are left out of the window.
-        windows = [
-            [index[i] for i in batch.touched[u].session.items if i in index]  # type: ignore[union-attr]
-            for u in users
-        ]
-        # The session may be longer than the model's window: the model sees the last max_len
-        # items, but every item of the session is excluded from the list.
-        seen = left_pad(windows, max(self.scorer.max_len, max(map(len, windows))))
-        item_seq = np.ascontiguousarray(seen[:, -self.scorer.max_len :])
-        try:
-            scores = self.scorer.score(item_seq)
-        except ScoringError:
-            logger.exception("batch scoring failed; scoring users one by one")
-            self.metrics.errors.labels("scoring").inc()
-            scores = self._score_rows(users, item_seq, batch)
+        sessions = [batch.touched[u].session.items for u in users]  # type: ignore[union-attr]
+        seen, item_seq = model_inputs(sessions, self.item_index, self.scorer.max_len)
+        scores, failed = score_isolating_failures(self.scorer, item_seq, len(self.bundle.item_ids))
         best, best_scores = top_k(scores, seen, self.settings.top_k)
         generated = now_ms()
         version = self.scorer.model_version
-        item_ids = self.bundle.item_ids
         for row, user in enumerate(users):
-            if user in batch.failed:
-                continue
             touched = batch.touched[user]
-            items = [
-                RecommendedItem(item_ids[int(i)], float(s), rank)
-                for rank, (i, s) in enumerate(zip(best[row], best_scores[row], strict=True), 1)
-                if i > 0
-            ]
+            if row in failed:
+                # The session keeps the (valid) event; only this user's output is skipped.
+                batch.failed.add(user)
+                self.metrics.errors.labels("scoring").inc()
+                invalid = Invalid("scoring_failed", str(failed[row])[:200])
+                batch.dead.append((touched.msg, invalid))
+                continue
             _, partition, offset = source_of(touched.msg)
             event_ts = touched.event.ts if isinstance(touched.event, ClickEvent) else generated
             value = encode_recommendation(
                 user_id=user,
-                items=items,
+                items=ranked_items(best[row], best_scores[row], self.bundle.item_ids),
                 model_version=version,
                 partition=partition,
                 offset=offset,
@@ -354,30 +346,7 @@ class Processor:
             )
             batch.outputs.append((user, value))
             batch.event_ts.append(event_ts)
-        self.metrics.scored.inc(len(users) - len(batch.failed))
-
-    def _score_rows(self, users: list[str], item_seq: np.ndarray, batch: Batch) -> np.ndarray:
-        """Fallback after a failed batch call: bisect to the rows the model cannot score.
-
-        Those users' latest records go to the DLQ (`scoring_failed`); their sessions keep the
-        events (they were valid), only their outputs are skipped. Bisection costs
-        O(failures · log batch) model calls instead of one per user.
-        """
-        scores = np.full((len(users), len(self.bundle.item_ids)), -np.inf, dtype=np.float32)
-        pending = [(0, len(users))]
-        while pending:
-            lo, hi = pending.pop()
-            try:
-                scores[lo:hi] = self.scorer.score(item_seq[lo:hi])
-            except ScoringError as exc:
-                if hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    pending += [(lo, mid), (mid, hi)]
-                    continue
-                batch.failed.add(users[lo])
-                invalid = Invalid("scoring_failed", str(exc)[:200])
-                batch.dead.append((batch.touched[users[lo]].msg, invalid))
-        return scores
+        self.metrics.scored.inc(len(users) - len(failed))
 
     def _produce(self, batch: Batch) -> None:
         topics = self.settings.topics

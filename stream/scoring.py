@@ -7,6 +7,7 @@ every item index (B, num_items + 1). Top-k excludes padding and the items alread
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from export.bundle import KNOWN_INPUTS, Bundle
+from stream.codec import RecommendedItem
 from stream.errors import ScoringError
 
 logger = logging.getLogger(__name__)
@@ -130,3 +132,55 @@ def left_pad(sequences: list[list[int]], max_len: int) -> IntArray:
         if tail:
             out[row, max_len - len(tail) :] = tail
     return out
+
+
+def model_inputs(
+    sessions: Sequence[Sequence[str]], index: Mapping[str, int], max_len: int
+) -> tuple[IntArray, IntArray]:
+    """(seen, item_seq): every session item as indices, and the model's window of them.
+
+    Items unknown to the bundle (after a swap to a smaller catalogue) are left out. The model
+    sees the last max_len items; `seen` (all of them) is what top_k excludes.
+    """
+    windows = [[index[i] for i in items if i in index] for items in sessions]
+    seen = left_pad(windows, max(max_len, max(map(len, windows), default=0)))
+    return seen, np.ascontiguousarray(seen[:, -max_len:])
+
+
+def score_isolating_failures(
+    scorer: Scorer, item_seq: IntArray, width: int
+) -> tuple[FloatArray, dict[int, ScoringError]]:
+    """One model call for the batch; if it fails, bisect to the rows the model rejects.
+
+    Rejected rows score -inf and are returned with their error (the caller dead-letters
+    them); bisection costs O(failures · log batch) calls instead of one per row.
+    """
+    try:
+        return scorer.score(item_seq), {}
+    except ScoringError:
+        logger.exception("batch scoring failed; isolating the rows the model rejects")
+    scores = np.full((len(item_seq), width), -np.inf, dtype=np.float32)
+    failed: dict[int, ScoringError] = {}
+    pending = [(0, len(item_seq))]
+    while pending:
+        lo, hi = pending.pop()
+        try:
+            scores[lo:hi] = scorer.score(item_seq[lo:hi])
+        except ScoringError as exc:
+            if hi - lo == 1:
+                failed[lo] = exc
+            else:
+                mid = (lo + hi) // 2
+                pending += [(lo, mid), (mid, hi)]
+    return scores, failed
+
+
+def ranked_items(
+    best: IntArray, best_scores: FloatArray, item_ids: Sequence[str]
+) -> list[RecommendedItem]:
+    """One row of top_k's result as the output schema's items (padding dropped)."""
+    return [
+        RecommendedItem(item_ids[int(i)], float(s), rank)
+        for rank, (i, s) in enumerate(zip(best, best_scores, strict=True), 1)
+        if i > 0
+    ]
