@@ -45,6 +45,11 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--future", type=int, default=1, help="upcoming items each position learns")
     p.add_argument("--future-decay", type=float, default=0.5, help="weight ratio per step ahead")
     p.add_argument("--max-seconds", type=float, default=None, help="wall-clock budget")
+    p.add_argument(
+        "--fit-epochs",
+        action="store_true",
+        help="after the warmup, cut --epochs to what fits in --max-seconds",
+    )
     p.add_argument("--eval-every", type=int, default=1, help="epochs between validations")
     p.add_argument("--patience", type=int, default=10, help="validations without improvement")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -119,6 +124,7 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             threads=args.threads,
             max_seconds=args.max_seconds,
+            fit_epochs=args.fit_epochs,
             eval_every=args.eval_every,
             patience=args.patience,
         )

@@ -53,6 +53,10 @@ class TrainConfig:
     seed: int = 42  # model init, dropout and the per-epoch shuffle
     threads: int = 2  # torch.set_num_threads: the box has 2 cores shared with others
     max_seconds: float | None = None  # wall-clock budget checked between steps; None = no budget
+    # With max_seconds: after the warmup, cut `epochs` to what the measured pace fits in the
+    # budget, so the cosine ends inside it on a busy box too. The run is then exactly the one
+    # `epochs=N` gives (the log and the checkpoint say N) when warmup_epochs is whole and >= 1.
+    fit_epochs: bool = False
     eval_every: int = 1  # epochs between validation passes
     patience: int = 10  # validation passes without a better NDCG@10 before stopping
     eval_batch_size: int = 256  # users per scoring call during evaluation

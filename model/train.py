@@ -8,6 +8,7 @@ description, item catalogue, metrics and state dicts. It always holds the best m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -141,6 +142,8 @@ def _loop(
         bar.set_description(f"epoch {run.epoch}")
         inputs, targets = windows.epoch(epoch)
         steps, stop = _epoch(run, cfg, inputs, targets, epoch, bar, deadline, limit)
+        if cfg.fit_epochs and deadline is not None and run.epoch == _fit_point(cfg):
+            cfg = _fit_epochs(cfg, run.epoch, time.monotonic() - started, deadline)
         due = run.epoch % cfg.eval_every == 0 or run.epoch == cfg.epochs or stop
         if due and (steps or not saved):
             saved |= _validate(run, dataset, cfg, path, time.monotonic() - started)
@@ -148,6 +151,30 @@ def _loop(
             stop |= run.bad_evals >= cfg.patience
     if not saved and not path.exists():
         _validate(run, dataset, cfg, path, time.monotonic() - started)
+
+
+def _fit_point(cfg: TrainConfig) -> int:
+    """The epoch after which fit_epochs sets the horizon: the end of the warmup, before the
+    learning rate depends on cfg.epochs."""
+    return max(1, int(cfg.warmup_epochs))
+
+
+def _fit_epochs(cfg: TrainConfig, done: int, elapsed: float, deadline: float) -> TrainConfig:
+    """cfg with `epochs` cut to what the pace so far fits before the deadline (5% spare for
+    validation and load swings). The run from here on is the one `--epochs N` would give."""
+    pace = elapsed / done
+    fits = done + int(0.95 * max(deadline - time.monotonic(), 0.0) / pace)
+    epochs = max(done, min(cfg.epochs, fits))
+    logger.info(
+        "%.0f s per epoch so far: %d epochs fit in the %.0f s budget (of %d asked); "
+        "repeat this run with --epochs %d",
+        pace,
+        epochs,
+        cfg.max_seconds,
+        cfg.epochs,
+        epochs,
+    )
+    return dataclasses.replace(cfg, epochs=epochs, fit_epochs=False)
 
 
 def _epoch(
