@@ -40,6 +40,8 @@ format: env
 # Speed benchmarks: JSON in benchmarks/results/, summarised in BENCHMARKS.md.
 bench: env
 	$(BIN)/python -m benchmarks.pipeline --out benchmarks/results/pipeline.json
+	$(BIN)/python -m benchmarks.latency --max-rate measure --out benchmarks/results/latency.json
+	$(BIN)/python -m benchmarks.scaling --out benchmarks/results/scaling.json
 
 # Model quality: every model and baseline on ML-1M and Video (~50 min on 2 cores), JSON +
 # learning curves in benchmarks/results/, summary in BENCHMARKS.md. DATA=... moves the data root.
