@@ -228,7 +228,10 @@ def _dash(value: int | None) -> str:
 
 
 def _titles(bundle: Path | None) -> dict[str, str]:
-    return {} if bundle is None else load_bundle(bundle).title_map()
+    """Titles from a bundle, or from the current bundle of a models root."""
+    from stream.reload import resolve
+
+    return {} if bundle is None else load_bundle(resolve(bundle)).title_map()
 
 
 # -- parser ----------------------------------------------------------------------------------
