@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: env demo test test-unit test-integration lint format bench eval eval-quick clean
+.PHONY: env demo test test-unit test-integration lint format bench bench-recovery eval eval-quick clean
 
 # torch is installed first and pinned: any other spec pulls GBs of CUDA wheels on this box.
 # click<8.4: sentence-transformers (issue 5) would otherwise upgrade it past faust's pin.
@@ -42,6 +42,11 @@ bench: env
 	$(BIN)/python -m benchmarks.pipeline --out benchmarks/results/pipeline.json
 	$(BIN)/python -m benchmarks.latency --max-rate measure --out benchmarks/results/latency.json
 	$(BIN)/python -m benchmarks.scaling --out benchmarks/results/scaling.json
+	$(MAKE) bench-recovery
+
+# Restore 100k/1M users from the changelog, and a 5-minute kill-loop soak (lost/duplicated).
+bench-recovery: env
+	$(BIN)/python -m benchmarks.recovery --out benchmarks/results/recovery.json
 
 # Model quality: every model and baseline on ML-1M and Video (~50 min on 2 cores), JSON +
 # learning curves in benchmarks/results/, summary in BENCHMARKS.md. DATA=... moves the data root.
