@@ -175,7 +175,8 @@ def run_sasrec(ds: SequenceDataset, plan: Plan, work: Path, threads: int) -> dic
     metrics = ckpt["metrics"]
     return {
         "model": "SASRec (streamrec)",
-        "config": {**model_cfg.to_dict(), **train_cfg.to_dict()},
+        # The checkpoint's train config: with fit_epochs its epochs are the fitted horizon.
+        "config": {**model_cfg.to_dict(), **ckpt["train_config"]},
         "valid": metrics["valid"],
         "test": metrics["test"],
         "train_seconds": metrics["total_train_seconds"],
