@@ -60,30 +60,18 @@ class Plan:
 # The reported configuration. BENCHMARKS.md lists what was compared on validation to get here.
 # The box is shared: fit_epochs sets the cosine's horizon after the warmup epoch to what fits in
 # max_seconds at the measured pace (the log names the --epochs that repeats the run exactly).
+BUDGETED = {  # batch 128, warmup + cosine, every window, no early stop, horizon fitted to time
+    "batch_size": 128,
+    "schedule": "cosine",
+    "warmup_epochs": 1.0,
+    "windows": "all",
+    "patience": 1000,
+    "fit_epochs": True,
+}
 ML1M_MODEL = {"max_len": 200, "d_model": 64, "n_blocks": 2, "n_heads": 1, "dropout": 0.2}
-ML1M_TRAIN = {
-    "epochs": 60,
-    "batch_size": 128,
-    "lr": 6e-3,
-    "schedule": "cosine",
-    "warmup_epochs": 1.0,
-    "windows": "all",
-    "patience": 1000,
-    "max_seconds": 1780.0,
-    "fit_epochs": True,
-}
+ML1M_TRAIN = {**BUDGETED, "epochs": 60, "lr": 6e-3, "max_seconds": 1780.0}
 VIDEO_MODEL = {"max_len": 50, "d_model": 64, "n_blocks": 2, "n_heads": 1, "dropout": 0.5}
-VIDEO_TRAIN = {
-    "epochs": 40,
-    "batch_size": 128,
-    "lr": 4e-3,
-    "schedule": "cosine",
-    "warmup_epochs": 1.0,
-    "windows": "all",
-    "patience": 1000,
-    "max_seconds": 600.0,
-    "fit_epochs": True,
-}
+VIDEO_TRAIN = {**BUDGETED, "epochs": 40, "lr": 4e-3, "max_seconds": 600.0}
 
 FULL = {
     "ml-1m": Plan("sasrec/ml-1m.txt", "ml-1m", ML1M_MODEL, ML1M_TRAIN, export=True),
