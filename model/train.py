@@ -8,7 +8,6 @@ description, item catalogue, metrics and state dicts. It always holds the best m
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ from model.errors import CheckpointError, ConfigError, TrainingError
 from model.evaluate import evaluate_model, evaluate_scores_fn, popularity_score_fn
 from model.loss import full_softmax_ce
 from model.sasrec import SASRec
+from model.schedule import fit_epochs, fit_point, lr_at
 
 logger = logging.getLogger(__name__)
 
@@ -114,17 +114,6 @@ class _Windows:
         return training_windows(self.sequences, self.max_len, every=True, rng=rng)
 
 
-def lr_at(cfg: TrainConfig, progress: float) -> float:
-    """Learning rate after `progress` epochs (fractional): linear warmup, then constant or a
-    cosine decay that reaches 0 at cfg.epochs."""
-    if progress < cfg.warmup_epochs:
-        return cfg.lr * progress / cfg.warmup_epochs
-    if cfg.schedule == "constant":
-        return cfg.lr
-    done = (progress - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
-
-
 def _loop(
     run: _Run,
     dataset: SequenceDataset,
@@ -142,8 +131,8 @@ def _loop(
         bar.set_description(f"epoch {run.epoch}")
         inputs, targets = windows.epoch(epoch)
         steps, stop = _epoch(run, cfg, inputs, targets, epoch, bar, deadline, limit)
-        if cfg.fit_epochs and deadline is not None and run.epoch == _fit_point(cfg):
-            cfg = _fit_epochs(cfg, run.epoch, time.monotonic() - started, deadline)
+        if cfg.fit_epochs and deadline is not None and run.epoch == fit_point(cfg):
+            cfg = fit_epochs(cfg, run.epoch, time.monotonic() - started, deadline)
         due = run.epoch % cfg.eval_every == 0 or run.epoch == cfg.epochs or stop
         if due and (steps or not saved):
             saved |= _validate(run, dataset, cfg, path, time.monotonic() - started)
@@ -151,30 +140,6 @@ def _loop(
             stop |= run.bad_evals >= cfg.patience
     if not saved and not path.exists():
         _validate(run, dataset, cfg, path, time.monotonic() - started)
-
-
-def _fit_point(cfg: TrainConfig) -> int:
-    """The epoch after which fit_epochs sets the horizon: the end of the warmup, before the
-    learning rate depends on cfg.epochs."""
-    return max(1, int(cfg.warmup_epochs))
-
-
-def _fit_epochs(cfg: TrainConfig, done: int, elapsed: float, deadline: float) -> TrainConfig:
-    """cfg with `epochs` cut to what the pace so far fits before the deadline (5% spare for
-    validation and load swings). The run from here on is the one `--epochs N` would give."""
-    pace = elapsed / done
-    fits = done + int(0.95 * max(deadline - time.monotonic(), 0.0) / pace)
-    epochs = max(done, min(cfg.epochs, fits))
-    logger.info(
-        "%.0f s per epoch so far: %d epochs fit in the %.0f s budget (of %d asked); "
-        "repeat this run with --epochs %d",
-        pace,
-        epochs,
-        cfg.max_seconds,
-        cfg.epochs,
-        epochs,
-    )
-    return dataclasses.replace(cfg, epochs=epochs, fit_epochs=False)
 
 
 def _epoch(

@@ -12,7 +12,8 @@ from model.data import load_dataset
 from model.errors import ConfigError
 from model.loss import full_softmax_ce
 from model.sasrec import SASRec
-from model.train import _fit_epochs, load_checkpoint, lr_at, sequence_loss, train
+from model.schedule import fit_epochs, lr_at
+from model.train import load_checkpoint, sequence_loss, train
 from tests.unit.test_data import chain_dataset_dir
 
 torch.set_num_threads(2)
@@ -123,12 +124,12 @@ def test_learning_rate_warms_up_then_follows_the_cosine():
 
 def test_fit_epochs_cuts_the_horizon_to_the_measured_pace():
     cfg = TrainConfig(epochs=100, max_seconds=100, warmup_epochs=1, fit_epochs=True)
-    fitted = _fit_epochs(cfg, done=1, elapsed=10.0, deadline=time.monotonic() + 90.0)
+    fitted = fit_epochs(cfg, done=1, elapsed=10.0, deadline=time.monotonic() + 90.0)
     assert fitted.epochs == 9  # 1 done + 0.95 * 90 s / 10 s per epoch
     assert not fitted.fit_epochs and fitted.lr == cfg.lr
-    roomy = _fit_epochs(cfg, done=1, elapsed=0.1, deadline=time.monotonic() + 90.0)
+    roomy = fit_epochs(cfg, done=1, elapsed=0.1, deadline=time.monotonic() + 90.0)
     assert roomy.epochs == 100  # never more than asked
-    late = _fit_epochs(cfg, done=2, elapsed=200.0, deadline=time.monotonic() - 5.0)
+    late = fit_epochs(cfg, done=2, elapsed=200.0, deadline=time.monotonic() - 5.0)
     assert late.epochs == 2
 
 
