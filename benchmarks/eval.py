@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     plans = QUICK if args.quick else FULL
+    if args.quick:  # never overwrite the full run's checkpoints and bundles
+        args.work = args.work / "quick"
     started = time.time()
     report: dict[str, Any] = {
         **run_metadata(),
