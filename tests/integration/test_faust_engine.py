@@ -8,8 +8,6 @@ imported here (it is an optional extra, and its import-time warnings stay in the
 from __future__ import annotations
 
 import importlib.util
-import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,19 +17,19 @@ import pytest
 from rocksdict import Options, Rdict
 
 from export.bundle import load_bundle
-from stream.badinput import malformed_records
 from stream.config import ProcessorSettings
-from stream.producer import ClickProducer
 from stream.state import Session
 from tests.integration.kafka_utils import TopicReader
 from tests.integration.procs import ProcessorProcess
 from tests.integration.test_pipeline import (
     Clicks,
     _schema,
+    assert_dead_letters,
     caught_up,
     latest_by_user,
     make_clicks,
     send,
+    send_with_malformed,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -157,16 +155,7 @@ def test_malformed_records_go_to_the_dlq_and_valid_ones_still_score(
     settings: ProcessorSettings, bundle_dir: Path, tmp_path: Path
 ) -> None:
     clicks = make_clicks(bundle_dir, users=12, per_user=3, seed=13)
-    bad: list[tuple[str, bytes | None, bytes | None]] = []
-    with ClickProducer(settings.kafka, settings.topics.clicks) as producer:
-        for n, (user, events) in enumerate(clicks.items()):
-            for item, ts in events:
-                producer.send(user, item, ts=ts)
-            if n == 0:
-                bad = malformed_records(user, item, now_ms=time.time_ns() // 1_000_000)
-                for _, key, value in bad:
-                    producer.send_raw(key, value)
-    reasons = Counter(reason for reason, _, _ in bad)
+    bad = send_with_malformed(settings, clicks)
     with (
         faust_engine(settings, tmp_path / "faust.log"),
         TopicReader(settings.kafka, settings.topics.dlq) as dlq,
@@ -175,15 +164,4 @@ def test_malformed_records_go_to_the_dlq_and_valid_ones_still_score(
         dead = dlq.read_until(lambda m: len(m) >= len(bad), timeout_s=WAIT_S)
         latest = latest_by_user(recs.read_until(caught_up(clicks, 3), timeout_s=WAIT_S))
     assert_fresh_lists(latest, clicks, settings.top_k)
-    got: Counter[str] = Counter()
-    sent_values = {value or b"" for _, _, value in bad}
-    for msg in dead:
-        headers = dict(msg.headers() or [])
-        got[headers["streamrec.dlq.reason"].decode()] += 1
-        assert (msg.value() or b"") in sent_values, "the DLQ keeps the original bytes"
-        assert headers["streamrec.dlq.topic"].decode() == settings.topics.clicks
-        assert int(headers["streamrec.dlq.partition"]) >= 0
-        assert int(headers["streamrec.dlq.offset"]) >= 0
-        assert headers["streamrec.dlq.detail"]
-        assert int(headers["streamrec.dlq.ts"]) > 0
-    assert got == reasons
+    assert_dead_letters(dead, bad, settings.topics.clicks)

@@ -51,6 +51,39 @@ def send(kafka: KafkaSettings, topic: str, clicks: Clicks, start: int, stop: int
     return sent
 
 
+Malformed = list[tuple[str, bytes | None, bytes | None]]
+
+
+def send_with_malformed(settings: ProcessorSettings, clicks: Clicks) -> Malformed:
+    """The users' clicks, with one of every malformed record after the first user's."""
+    bad: Malformed = []
+    with ClickProducer(settings.kafka, settings.topics.clicks) as producer:
+        for n, (user, events) in enumerate(clicks.items()):
+            for item, ts in events:
+                producer.send(user, item, ts=ts)
+            if n == 0:
+                bad = malformed_records(user, item, now_ms=time.time_ns() // 1_000_000)
+                for _, key, value in bad:
+                    producer.send_raw(key, value)
+    return bad
+
+
+def assert_dead_letters(dead: list[Message], bad: Malformed, topic: str) -> None:
+    """Each malformed record is in the DLQ once, with its reason, source and original bytes."""
+    got: Counter[str] = Counter()
+    sent_values = {value or b"" for _, _, value in bad}
+    for msg in dead:
+        headers = dict(msg.headers() or [])
+        got[headers["streamrec.dlq.reason"].decode()] += 1
+        assert (msg.value() or b"") in sent_values, "the DLQ keeps the original bytes"
+        assert headers["streamrec.dlq.topic"].decode() == topic
+        assert int(headers["streamrec.dlq.partition"]) >= 0
+        assert int(headers["streamrec.dlq.offset"]) >= 0
+        assert headers["streamrec.dlq.detail"]
+        assert int(headers["streamrec.dlq.ts"]) > 0
+    assert got == Counter(reason for reason, _, _ in bad)
+
+
 def latest_by_user(messages: list[Message]) -> dict[str, dict[str, object]]:
     latest: dict[str, dict[str, object]] = {}
     for msg in messages:  # per partition in offset order, and one user is in one partition
@@ -128,15 +161,7 @@ def test_malformed_records_go_to_the_dlq_and_valid_ones_still_score(
     settings: ProcessorSettings, bundle_dir: Path
 ) -> None:
     clicks = make_clicks(bundle_dir, users=12, per_user=3, seed=3)
-    bad = []
-    with ClickProducer(settings.kafka, settings.topics.clicks) as producer:
-        for n, (user, events) in enumerate(clicks.items()):
-            for item, ts in events:
-                producer.send(user, item, ts=ts)
-            if n == 0:
-                bad = malformed_records(user, item, now_ms=time.time_ns() // 1_000_000)
-                for _, key, value in bad:
-                    producer.send_raw(key, value)
+    bad = send_with_malformed(settings, clicks)
     reasons = Counter(reason for reason, _, _ in bad)
     assert len(reasons) >= 10
     with (
@@ -146,17 +171,7 @@ def test_malformed_records_go_to_the_dlq_and_valid_ones_still_score(
     ):
         dead = dlq.read_until(lambda m: len(m) >= len(bad))
         recs.read_until(caught_up(clicks, 3))
-    got: Counter[str] = Counter()
-    sent_values = {value for _, _, value in bad}
-    for msg in dead:
-        headers = {k: v for k, v in msg.headers() or []}
-        got[headers["streamrec.dlq.reason"].decode()] += 1
-        assert (msg.value() or b"") in sent_values, "the DLQ keeps the original bytes"
-        assert headers["streamrec.dlq.topic"].decode() == settings.topics.clicks
-        assert int(headers["streamrec.dlq.partition"]) >= 0
-        assert int(headers["streamrec.dlq.offset"]) >= 0
-        assert headers["streamrec.dlq.detail"]
-    assert got == reasons
+    assert_dead_letters(dead, bad, settings.topics.clicks)
 
 
 def test_bundle_output_covers_every_item_column(bundle_dir: Path) -> None:
