@@ -86,7 +86,8 @@ class SASRec(nn.Module):
     def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
         """item_seq (B, L) int64, left-padded with 0, L <= max_len -> hidden (B, L, D)."""
         scale = math.sqrt(self.cfg.d_model)
-        x = self.item_emb(item_seq) * scale + self.pos_emb(self.positions(item_seq))  # (B, L, D)
+        items = F.embedding(item_seq, self.item_vectors(), padding_idx=0)  # (B, L, D)
+        x = items * scale + self.pos_emb(self.positions(item_seq))  # (B, L, D)
         x = self.drop(x)
         allowed = attention_mask(item_seq)  # (B, 1, L, L)
         for block in self.blocks:
@@ -94,9 +95,16 @@ class SASRec(nn.Module):
         hidden: torch.Tensor = self.ln_f(x)  # (B, L, D)
         return hidden
 
+    def item_vectors(self) -> torch.Tensor:
+        """(N + 1, D): each item's representation, used for the input embedding and as the tied
+        output layer. Row 0 (padding) is zero. Subclasses (text-aware) override this one method;
+        export writes it to the bundle as item_vectors.npy, so serving can score items outside
+        the ONNX graph (ANN, items added at run time, explanations)."""
+        return self.item_emb.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., D) -> scores (..., num_items + 1); column 0 is padding."""
-        return hidden @ self.item_emb.weight.T
+        return hidden @ self.item_vectors().T
 
     def score_last(self, item_seq: torch.Tensor) -> torch.Tensor:
         """Scores of the next item after the newest one: (B, L) -> (B, num_items + 1)."""

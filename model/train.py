@@ -202,7 +202,7 @@ def sequence_loss(
     # the output layer on padded windows (DESIGN.md).
     return full_softmax_ce(
         hidden.reshape(-1, hidden.shape[-1])[real],  # (T, D)
-        model.item_emb.weight,  # (N + 1, D), the tied output layer
+        model.item_vectors(),  # (N + 1, D), the tied output layer
         upcoming,  # (T, K)
         label_smoothing,
         weights / weights.sum(dim=1, keepdim=True),  # (T, K)
