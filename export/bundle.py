@@ -9,6 +9,25 @@ A bundle is a directory:
                                                              most recent item last)
                     input  time_seq int64 [batch, max_len]  (optional; epoch seconds, 0 = pad)
                     output scores   float32 [batch, num_items + 1]  (column i = item index i)
+                    output hidden   float32 [batch, d_model]  (optional; scores = hidden @ V.T)
+    item_vectors.npy  float32 [num_items + 1, d_model] = V, the item representation (row 0 =
+                    padding), so serving can score items outside the graph; exported models
+                    write it, hand-built bundles may lack it. Models may add more `<name>.npy`.
+
+Models whose positions count from the first item of the window (no time input) also carry the
+incremental pair, declared in the manifest's optional `step` section (see StepSpec):
+
+    prefill.onnx    input  item_seq int64 [batch, max_len] (as model.onnx)
+                    output scores, hidden (as model.onnx),
+                           kv float16 [batch, n_blocks, 2, max_len, d_model]: per block the
+                           keys (0) and values (1) of every slot, aligned with item_seq
+    step.onnx       input  item int64 [batch], position int64 [batch] (0-based, < max_len),
+                           past_kv float16 [batch, n_blocks, 2, P, d_model] (P >= 1; slots at
+                           and beyond each row's position are ignored)
+                    output scores, hidden, new_kv float16 [batch, n_blocks, 2, d_model]
+
+The window the incremental path scores is the newest `window_len(...)` items (the rule below);
+on that window step.onnx equals model.onnx within the tolerance recorded in the manifest.
 
 This module must not import torch: serving reads bundles with the standard library only.
 """
@@ -33,7 +52,85 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ITEMS = "items.csv"
 MODEL = "model.onnx"
+PREFILL = "prefill.onnx"
+STEP = "step.onnx"
+ITEM_VECTORS = "item_vectors.npy"
 KNOWN_INPUTS = ("item_seq", "time_seq")
+CACHE_DTYPES = ("float16",)
+
+
+def default_stride(max_len: int) -> int:
+    """Items dropped when the window slides: half the window, so prefill runs once per
+    max_len // 2 clicks and the window never holds fewer than max_len - stride + 1 items."""
+    return max(1, max_len // 2)
+
+
+def _check_window_args(max_len: int, stride: int) -> None:
+    if max_len < 1 or not 1 <= stride <= max_len:
+        raise ValueError(f"need max_len >= 1 and 1 <= stride <= max_len, got {max_len}, {stride}")
+
+
+def next_window_len(cached_len: int, max_len: int, stride: int) -> int:
+    """Window length after one more click, given a cache of `cached_len` positions.
+
+    Positions count from the first item of the window, so cached keys/values stay valid while
+    the window grows: the result is `cached_len + 1` (run step.onnx at position `cached_len`)
+    until the window is full. A click on a full window slides it: the oldest `stride` items are
+    dropped, the result is `max_len - stride + 1` (<= cached_len) and the cache is rebuilt with
+    prefill.onnx over the newest that many items. Scores equal model.onnx's on that window.
+    """
+    _check_window_args(max_len, stride)
+    if not 0 <= cached_len <= max_len:
+        raise ValueError(f"cached_len {cached_len} is outside 0..{max_len}")
+    return cached_len + 1 if cached_len < max_len else max_len - stride + 1
+
+
+def window_len(history_len: int, max_len: int, stride: int) -> int:
+    """Window length after `history_len` clicks, the same as `history_len` calls of
+    next_window_len from an empty cache; use it to rebuild a missing cache so the result does
+    not depend on whether the cache was evicted."""
+    _check_window_args(max_len, stride)
+    if history_len < 0:
+        raise ValueError(f"history_len {history_len} is negative")
+    if history_len <= max_len:
+        return history_len
+    return max_len - stride + 1 + (history_len - max_len - 1) % stride
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """The manifest's optional `step` section: the incremental pair and its cache layout."""
+
+    n_blocks: int
+    d_model: int
+    n_heads: int
+    stride: int
+    prefill: str = PREFILL
+    step: str = STEP
+    cache_dtype: str = "float16"
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], max_len: int) -> StepSpec:
+        """Raises KeyError/TypeError/ValueError on a malformed section (Manifest wraps them)."""
+        spec = cls(
+            n_blocks=int(raw["n_blocks"]),
+            d_model=int(raw["d_model"]),
+            n_heads=int(raw["n_heads"]),
+            stride=int(raw["stride"]),
+            prefill=str(raw["prefill"]),
+            step=str(raw["step"]),
+            cache_dtype=str(raw["cache_dtype"]),
+        )
+        if min(spec.n_blocks, spec.d_model, spec.n_heads) < 1 or spec.d_model % spec.n_heads:
+            raise ValueError(f"step section sizes do not fit together: {spec}")
+        if spec.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"step cache_dtype {spec.cache_dtype!r} is not in {CACHE_DTYPES}")
+        names = (spec.prefill, spec.step)
+        plain = all(Path(n).name == n and not n.startswith(".") for n in names)
+        if not plain or set(names) & {MODEL, ITEMS, MANIFEST} or spec.prefill == spec.step:
+            raise ValueError(f"step section file names are not usable: {names}")
+        _check_window_args(max_len, spec.stride)
+        return spec
 
 
 @dataclass(frozen=True)
@@ -51,10 +148,13 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    step: StepSpec | None = None  # the incremental pair, when the model has one
 
     def to_json(self) -> str:
         body = asdict(self)
         body["inputs"] = list(self.inputs)
+        if self.step is None:
+            del body["step"]  # bundles without the pair keep the manifest they always had
         return json.dumps(body, indent=2, sort_keys=True)
 
     @classmethod
@@ -75,6 +175,8 @@ class Manifest:
                 raise BundleError(
                     f"bundle max_len {max_len} and num_items {num_items} must be >= 1"
                 )
+            step_raw = raw.get("step")
+            step = None if step_raw is None else StepSpec.from_dict(dict(step_raw), max_len)
             return cls(
                 model_name=str(raw["model_name"]),
                 model_version=str(raw["model_version"]),
@@ -87,6 +189,7 @@ class Manifest:
                 metrics=dict(raw.get("metrics", {})),
                 config=dict(raw.get("config", {})),
                 format_version=version,
+                step=step,
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise BundleError(f"manifest.json is malformed: {exc!r}") from exc
@@ -104,6 +207,24 @@ class Bundle:
     @property
     def model_path(self) -> Path:
         return self.path / MODEL
+
+    @property
+    def step(self) -> StepSpec | None:
+        """The incremental pair's section, or None when the bundle has no step model."""
+        return self.manifest.step
+
+    @property
+    def prefill_path(self) -> Path | None:
+        return None if self.step is None else self.path / self.step.prefill
+
+    @property
+    def step_path(self) -> Path | None:
+        return None if self.step is None else self.path / self.step.step
+
+    @property
+    def item_vectors_path(self) -> Path | None:
+        """item_vectors.npy (float32 [num_items + 1, d]) when the bundle has it."""
+        return self.path / ITEM_VECTORS if ITEM_VECTORS in self.manifest.files else None
 
     @property
     def model_version(self) -> str:
@@ -175,6 +296,7 @@ def write_bundle(
     metrics: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, Path] | None = None,
+    step: StepSpec | None = None,
 ) -> Path:
     """Assemble a bundle in a temporary sibling directory, then rename it into place.
 
@@ -201,8 +323,10 @@ def write_bundle(
             training_data=dict(training_data or {}),
             metrics=dict(metrics or {}),
             config=dict(config or {}),
+            step=step,
         )
         Manifest.from_dict(json.loads(manifest.to_json()))  # the writer obeys the reader's rules
+        _check_required_files(manifest)
         (staging / MANIFEST).write_text(manifest.to_json() + "\n", encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -211,6 +335,13 @@ def write_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _check_required_files(manifest: Manifest) -> None:
+    step_files = () if manifest.step is None else (manifest.step.prefill, manifest.step.step)
+    for required in (ITEMS, MODEL, *step_files):
+        if required not in manifest.files:
+            raise BundleError(f"manifest does not list {required}")
 
 
 def load_bundle(path: Path | str) -> Bundle:
@@ -224,9 +355,7 @@ def load_bundle(path: Path | str) -> Bundle:
     except (OSError, ValueError, RecursionError) as exc:
         raise BundleError(f"cannot read {manifest_path}: {exc}") from exc
     manifest = Manifest.from_dict(raw)
-    for required in (ITEMS, MODEL):
-        if required not in manifest.files:
-            raise BundleError(f"manifest does not list {required}")
+    _check_required_files(manifest)
     for name, expected in manifest.files.items():
         file = path / name
         if not file.is_file():

@@ -288,7 +288,7 @@ manifest_values = st.recursive(
 )
 manifest_fields = st.sampled_from(
     ["format_version", "model_name", "model_version", "max_len", "num_items", "files", "inputs",
-     "created_ts", "training_data", "metrics", "config"]
+     "created_ts", "training_data", "metrics", "config", "step"]
 )  # fmt: skip
 
 
