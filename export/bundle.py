@@ -41,7 +41,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,10 +304,7 @@ def write_bundle(
     The rename makes a half-written bundle impossible to observe at `out_dir`.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes 0700: a serving process under another user must read it
-    try:
+    with staged_directory(out_dir) as staging:
         shutil.copyfile(model_file, staging / MODEL)
         write_items_csv(staging / ITEMS, items)
         for name, src in (extra_files or {}).items():
@@ -328,13 +326,24 @@ def write_bundle(
         Manifest.from_dict(json.loads(manifest.to_json()))  # the writer obeys the reader's rules
         _check_required_files(manifest)
         (staging / MANIFEST).write_text(manifest.to_json() + "\n", encoding="utf-8")
+    return out_dir
+
+
+@contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of `out_dir` to fill; renamed onto `out_dir` when the block succeeds,
+    removed when it raises, so readers never see a half-written directory."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes 0700: a serving process under another user must read it
+    try:
+        yield staging
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _check_required_files(manifest: Manifest) -> None:
@@ -342,6 +351,23 @@ def _check_required_files(manifest: Manifest) -> None:
     for required in (ITEMS, MODEL, *step_files):
         if required not in manifest.files:
             raise BundleError(f"manifest does not list {required}")
+
+
+def verify_files(path: Path, files: Mapping[str, str]) -> None:
+    """Every file named in `files` exists under `path` with the recorded sha256."""
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise BundleIntegrityError(f"bundle file {name} is missing from {path}")
+        try:
+            actual = sha256_file(file)
+        except OSError as exc:
+            raise BundleError(f"cannot read bundle file {file}: {exc}") from exc
+        if actual != expected:
+            raise BundleIntegrityError(
+                f"bundle file {name} has sha256 {actual[:12]}…, manifest says {expected[:12]}…: "
+                "the bundle was modified or partly copied; re-export it"
+            )
 
 
 def load_bundle(path: Path | str) -> Bundle:
@@ -356,19 +382,7 @@ def load_bundle(path: Path | str) -> Bundle:
         raise BundleError(f"cannot read {manifest_path}: {exc}") from exc
     manifest = Manifest.from_dict(raw)
     _check_required_files(manifest)
-    for name, expected in manifest.files.items():
-        file = path / name
-        if not file.is_file():
-            raise BundleIntegrityError(f"bundle file {name} is missing from {path}")
-        try:
-            actual = sha256_file(file)
-        except OSError as exc:
-            raise BundleError(f"cannot read bundle file {file}: {exc}") from exc
-        if actual != expected:
-            raise BundleIntegrityError(
-                f"bundle file {name} has sha256 {actual[:12]}…, manifest says {expected[:12]}…: "
-                "the bundle was modified or partly copied; re-export it"
-            )
+    verify_files(path, manifest.files)
     item_ids, titles = read_items_csv(path / ITEMS)
     if len(item_ids) - 1 != manifest.num_items:
         raise BundleError(
