@@ -1,7 +1,9 @@
 """Export a trained SASRec checkpoint to ONNX, check parity with onnxruntime, write a bundle.
 
-The ONNX graph takes `item_seq` int64 [batch, max_len] (left-padded, 0 = padding) and returns
-`scores` float32 [batch, num_items + 1], the contract in export/bundle.py.
+model.onnx takes `item_seq` int64 [batch, max_len] (left-padded, 0 = padding; time-aware
+models also `time_seq`) and returns `scores` float32 [batch, num_items + 1] and `hidden` float32
+[batch, d_model]; models with positions counted from the window's first item also get the
+incremental pair (export/step_export.py). The contract is in export/bundle.py.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import hashlib
 import logging
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,71 +20,47 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export.bundle import write_bundle
+from export.bundle import PREFILL, STEP, write_bundle
 from export.errors import ExportError, ParityError
+from export.graphs import (
+    TOP_K,
+    check_output,
+    check_top_k,
+    legacy_export,
+    parity_times,
+    parity_windows,
+)
+from export.step_export import STEP_RTOL, check_step_parity, export_step_pair, step_spec
+from model.incremental import FullModel, supports_step, uses_time
 from model.sasrec import SASRec
 from model.train import load_checkpoint, model_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
 ATOL = 1e-4  # float32 scores of magnitude ~10: kernel differences stay near 1e-6
-TOP_K = 10
 PARITY_BATCHES = (1, 17)
 
 
-class _ScoreLast(nn.Module):
-    """What serving runs: the next-item scores after the newest item of each window."""
-
-    def __init__(self, model: SASRec) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
-        return self.model.score_last(item_seq)  # (B, N + 1)
-
-
 def export_onnx(model: SASRec, path: Path, *, opset: int = 17) -> Path:
-    """Write model.score_last as ONNX with a dynamic batch axis."""
+    """Write the full model (scores and hidden of the newest slot) with a dynamic batch axis."""
     model.eval()
+    inputs = model_inputs(model)
     example = torch.ones(2, model.cfg.max_len, dtype=torch.int64)  # (B, L)
-    with warnings.catch_warnings():
-        # dynamo=False is chosen on purpose (no onnxscript dependency, a plain static graph);
-        # torch announces the legacy exporter's deprecation on every call.
-        warnings.filterwarnings(
-            "ignore", "You are using the legacy TorchScript", DeprecationWarning
-        )
-        warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
-        torch.onnx.export(
-            _ScoreLast(model),
-            (example,),
-            str(path),
-            input_names=["item_seq"],
-            output_names=["scores"],
-            dynamic_axes={"item_seq": {0: "batch"}, "scores": {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,
-        )
-    return path
+    batch = {0: "batch"}
+    return legacy_export(
+        FullModel(model),
+        (example,) * len(inputs),
+        path,
+        input_names=inputs,
+        output_names=["scores", "hidden"],
+        dynamic_axes={name: batch for name in (*inputs, "scores", "hidden")},
+        opset=opset,
+    )
 
 
-def parity_windows(num_items: int, max_len: int, batch: int, seed: int = 0) -> np.ndarray:
-    """(batch, max_len) int64 windows: all-padding, length 1, full, and random lengths whose items
-    follow a Zipf-like law with repeats, as real sessions do."""
-    rng = np.random.default_rng([seed, batch])
-    out = np.zeros((batch, max_len), dtype=np.int64)
-    lengths = rng.integers(0, max_len + 1, size=batch)
-    lengths[: min(batch, 3)] = [max_len, 1, 0][: min(batch, 3)]
-    popular = 1.0 / np.arange(1, num_items + 1)
-    popular /= popular.sum()
-    for row, length in enumerate(lengths):
-        uniform = row % 2 == 0
-        items = (
-            rng.integers(1, num_items + 1, size=length)
-            if uniform
-            else rng.choice(num_items, size=length, p=popular) + 1
-        )
-        out[row, max_len - length :] = items
-    return out
+def model_inputs(model: SASRec) -> tuple[str, ...]:
+    """The model.onnx inputs of the bundle contract this model needs."""
+    return ("item_seq", "time_seq") if uses_time(model) else ("item_seq",)
 
 
 def check_parity(
@@ -94,39 +71,34 @@ def check_parity(
     atol: float = ATOL,
     top_k: int = TOP_K,
 ) -> float:
-    """Max abs score difference torch vs onnxruntime; ParityError beyond atol or when the top-k
-    differs where torch's own scores are not tied within atol at the cut."""
+    """Max abs score/hidden difference torch vs onnxruntime; ParityError beyond atol or when the
+    top-k differs where torch's own scores are not tied within atol at the cut. A graph without
+    the `hidden` output (an older export) is checked on its scores alone."""
     model.eval()
     if windows is None:
         windows = [
             parity_windows(model.cfg.num_items, model.cfg.max_len, b) for b in PARITY_BATCHES
         ]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs() if o.name in ("scores", "hidden")]
+    if "scores" not in names:
+        raise ParityError(f"{onnx_path.name} has no output named scores")
     worst = 0.0
     for batch in windows:
+        feeds = {"item_seq": batch, "time_seq": parity_times(batch)}
+        feeds = {name: feeds[name] for name in model_inputs(model)}
         with torch.no_grad():
-            expected = model.score_last(torch.from_numpy(batch)).numpy()  # (B, N + 1)
-        actual = np.asarray(session.run(["scores"], {"item_seq": batch})[0])
-        if actual.shape != expected.shape or actual.dtype != np.float32:
-            raise ParityError(f"onnx scores {actual.shape} {actual.dtype}, torch {expected.shape}")
-        if not np.all(np.isfinite(actual)):
-            raise ParityError("onnxruntime produced non-finite scores")
-        worst = max(worst, float(np.max(np.abs(actual - expected))))
-        _check_top_k(expected, actual, top_k, atol)
+            args = (torch.from_numpy(a) for a in feeds.values())
+            scores, hidden = (t.numpy() for t in FullModel(model)(*args))
+        expected = {"scores": scores, "hidden": hidden}  # (B, N + 1), (B, D)
+        actual = dict(zip(names, session.run(names, feeds), strict=True))
+        for name in names:
+            diff = check_output(name, expected[name], np.asarray(actual[name]), np.float32)
+            worst = max(worst, diff)
+        check_top_k(scores, np.asarray(actual["scores"]), top_k, atol)
     if worst > atol:
-        raise ParityError(f"torch and onnxruntime scores differ by {worst:.2e} > {atol:.0e}")
+        raise ParityError(f"torch and onnxruntime outputs differ by {worst:.2e} > {atol:.0e}")
     return worst
-
-
-def _check_top_k(expected: np.ndarray, actual: np.ndarray, k: int, atol: float) -> None:
-    k = min(k, expected.shape[1] - 1)
-    want = np.argsort(-expected, axis=1, kind="stable")[:, :k]  # (B, k)
-    got = np.argsort(-actual, axis=1, kind="stable")[:, :k]  # (B, k)
-    for row in np.flatnonzero(np.any(want != got, axis=1)):
-        ordered = np.sort(expected[row])[::-1]
-        gaps = np.abs(np.diff(ordered[: k + 1]))
-        if np.all(gaps > atol):
-            raise ParityError(f"top-{k} differs in row {row}: torch {want[row]}, onnx {got[row]}")
 
 
 def state_digest(model: nn.Module) -> str:
@@ -159,6 +131,14 @@ def export_bundle(
             raise ExportError("checkpoint titles and item_ids differ in length")
         bundle_metrics = {**dict(ckpt.get("metrics", {})), **(metrics or {})}
         bundle_metrics["onnx_parity_max_abs_diff"] = diff
+        extra_files = write_arrays(model, Path(tmp))
+        step = None
+        if supports_step(model):
+            extra_files |= export_step_pair(model, Path(tmp), opset=opset)
+            step_diffs = check_step_parity(model, extra_files[PREFILL], extra_files[STEP])
+            logger.info("step parity: %s (step tolerance %.0e relative)", step_diffs, STEP_RTOL)
+            bundle_metrics.update(step_diffs)
+            step = step_spec(model)
         write_bundle(
             Path(out_dir),
             model_file=onnx_path,
@@ -166,13 +146,31 @@ def export_bundle(
             model_name="sasrec",
             model_version=version,
             max_len=model.cfg.max_len,
-            inputs=("item_seq",),
+            inputs=model_inputs(model),
             training_data=dict(ckpt.get("dataset", {})),
             metrics=bundle_metrics,
             config={**model.cfg.to_dict(), "opset": opset, "best_epoch": ckpt.get("epoch")},
+            extra_files=extra_files,
+            step=step,
         )
     logger.info("wrote bundle %s (model_version %s)", out_dir, version)
     return Path(out_dir)
+
+
+def write_arrays(model: SASRec, out_dir: Path) -> dict[str, Path]:
+    """item_vectors.npy and the model's `bundle_extras()` arrays as `<name>.npy` in out_dir."""
+    with torch.no_grad():
+        arrays = {"item_vectors": model.item_vectors().detach().float().numpy()}  # (N + 1, D)
+    extras = getattr(model, "bundle_extras", None)
+    for name, array in (extras() if callable(extras) else {}).items():
+        if not name.isidentifier() or name in arrays:
+            raise ExportError(f"bundle_extras() name {name!r} is not a usable, unique file stem")
+        arrays[name] = np.asarray(array)
+    paths = {}
+    for name, array in arrays.items():
+        paths[f"{name}.npy"] = out_dir / f"{name}.npy"
+        np.save(paths[f"{name}.npy"], np.ascontiguousarray(array), allow_pickle=False)
+    return paths
 
 
 def _default_version(model: nn.Module) -> str:

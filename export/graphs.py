@@ -1,0 +1,97 @@
+"""What every ONNX graph of a bundle shares: the legacy exporter call and the parity helpers."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.errors import ParityError
+
+TOP_K = 10
+
+
+def legacy_export(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    *,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_axes: Mapping[str, Mapping[int, str]],
+    opset: int,
+) -> Path:
+    """torch.onnx.export with the legacy TorchScript exporter, module in eval mode."""
+    module.eval()
+    with warnings.catch_warnings():
+        # dynamo=False is chosen on purpose (no onnxscript dependency, a plain static graph);
+        # torch announces the legacy exporter's deprecation on every call.
+        warnings.filterwarnings(
+            "ignore", "You are using the legacy TorchScript", DeprecationWarning
+        )
+        warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes={name: dict(axes) for name, axes in dynamic_axes.items()},
+            opset_version=opset,
+            dynamo=False,
+        )
+    return path
+
+
+def parity_windows(num_items: int, max_len: int, batch: int, seed: int = 0) -> np.ndarray:
+    """(batch, max_len) int64 windows: all-padding, length 1, full, and random lengths whose items
+    follow a Zipf-like law with repeats, as real sessions do."""
+    rng = np.random.default_rng([seed, batch])
+    out = np.zeros((batch, max_len), dtype=np.int64)
+    lengths = rng.integers(0, max_len + 1, size=batch)
+    lengths[: min(batch, 3)] = [max_len, 1, 0][: min(batch, 3)]
+    popular = 1.0 / np.arange(1, num_items + 1)
+    popular /= popular.sum()
+    for row, length in enumerate(lengths):
+        uniform = row % 2 == 0
+        items = (
+            rng.integers(1, num_items + 1, size=length)
+            if uniform
+            else rng.choice(num_items, size=length, p=popular) + 1
+        )
+        out[row, max_len - length :] = items
+    return out
+
+
+def parity_times(windows: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(B, L) int64 epoch seconds for `windows`: increasing gaps from seconds to weeks, 0 at
+    padding, for time-aware models."""
+    rng = np.random.default_rng([seed, len(windows), 7])
+    gaps = np.exp(rng.uniform(0, np.log(3e6), size=windows.shape)).astype(np.int64)  # (B, L)
+    times = 1_000_000_000 + np.cumsum(gaps, axis=1)  # (B, L)
+    return np.where(windows != 0, times, 0).astype(np.int64)
+
+
+def check_output(name: str, expected: np.ndarray, actual: np.ndarray, dtype: type) -> float:
+    """Max abs difference; ParityError on another shape or dtype, or non-finite values."""
+    if actual.shape != expected.shape or actual.dtype != dtype:
+        raise ParityError(f"{name}: got {actual.shape} {actual.dtype}, want {expected.shape}")
+    if not np.all(np.isfinite(actual)):
+        raise ParityError(f"{name}: non-finite values")
+    return float(np.max(np.abs(actual.astype(np.float32) - expected), initial=0.0))
+
+
+def check_top_k(expected: np.ndarray, actual: np.ndarray, k: int, atol: float) -> None:
+    """ParityError when the top-k differs where `expected` is not tied within atol at the cut."""
+    k = min(k, expected.shape[1] - 1)
+    want = np.argsort(-expected, axis=1, kind="stable")[:, :k]  # (B, k)
+    got = np.argsort(-actual, axis=1, kind="stable")[:, :k]  # (B, k)
+    for row in np.flatnonzero(np.any(want != got, axis=1)):
+        ordered = np.sort(expected[row])[::-1]
+        gaps = np.abs(np.diff(ordered[: k + 1]))
+        if np.all(gaps > atol):
+            raise ParityError(f"top-{k} differs in row {row}: want {want[row]}, got {got[row]}")

@@ -1,0 +1,156 @@
+"""Incremental inference for SASRec models whose positions count from the window's first item.
+
+With positions="first", an item's position does not change while the window grows, and causal
+attention means its keys/values depend only on the items before it. So the keys/values of a
+window can be cached and one new click costs one position of work (`StepModel`) instead of a
+pass over the whole window (`Prefill`, which also returns the cache). The bundle contract and
+the window rule live in export/bundle.py; this module holds the PyTorch side used for export.
+
+Cache layout (both modules): kv (B, n_blocks, 2, P, D), index 0 = keys and 1 = values after
+each block's qkv projection, heads concatenated along D (head h = columns h*hd:(h+1)*hd).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.errors import ModelError
+from model.sasrec import Block, SASRec
+
+CACHE_DTYPE = torch.float16  # ~2e-3 relative rounding; halves the per-user cache
+
+
+def uses_time(model: SASRec) -> bool:
+    """Time-aware models take a time_seq beside item_seq."""
+    return getattr(model, "time", None) is not None
+
+
+def supports_step(model: SASRec) -> bool:
+    """Cached keys/values stay valid only when a click moves no earlier position (and the
+    step graph has no time input)."""
+    return model.cfg.positions == "first" and not uses_time(model)
+
+
+def _require_step(model: SASRec) -> None:
+    if not supports_step(model):
+        raise ModelError(
+            f"positions={model.cfg.positions!r} shift every cached position on each click; "
+            "incremental inference needs positions='first' (and no time input)"
+        )
+
+
+class FullModel(nn.Module):
+    """model.onnx: scores and the final-LayerNorm state of the newest slot of each window."""
+
+    def __init__(self, model: SASRec) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, item_seq: torch.Tensor, *time_seq: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """item_seq (B, L)[, time_seq (B, L) for time-aware models] -> scores (B, N + 1),
+        hidden (B, D)."""
+        hidden = self.model(item_seq, *time_seq)[:, -1, :]  # (B, D)
+        return self.model.logits(hidden), hidden  # (B, N + 1), (B, D)
+
+
+class Prefill(nn.Module):
+    """prefill.onnx: the full model's outputs plus every slot's keys/values (the cache).
+
+    The keys/values are read off the model's own forward (hooks on each block's qkv
+    projection), so the cache is exactly what the full model computed, in any SASRec variant.
+    """
+
+    def __init__(self, model: SASRec) -> None:
+        super().__init__()
+        _require_step(model)
+        self.model = model
+
+    def forward(self, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """item_seq (B, L) left-padded -> scores (B, N + 1), hidden (B, D), kv (B, nb, 2, L, D)."""
+        qkv: list[torch.Tensor] = []
+        handles = [
+            block.attn.qkv.register_forward_hook(lambda _m, _i, out: qkv.append(out))
+            for block in blocks_of(self.model)
+        ]
+        try:
+            hidden = self.model(item_seq)[:, -1, :]  # (B, D)
+        finally:
+            for handle in handles:
+                handle.remove()
+        d = self.model.cfg.d_model
+        kv = torch.stack([torch.stack(torch.split(o, d, dim=2)[1:], dim=1) for o in qkv], dim=1)
+        return self.model.logits(hidden), hidden, kv.to(CACHE_DTYPE)  # kv (B, nb, 2, L, D)
+
+
+class StepModel(nn.Module):
+    """step.onnx: one new item per row on top of the cached keys/values of positions 0..P-1.
+
+    Key j of the cache is attended iff j < position (slots beyond are the caller's padding),
+    plus the new item itself, which is what the full model's causal mask gives that position.
+    """
+
+    vectors: torch.Tensor  # (N + 1, D)
+
+    def __init__(self, model: SASRec) -> None:
+        super().__init__()
+        _require_step(model)
+        self.model = model
+        self.scale = math.sqrt(model.cfg.d_model)
+        # A constant: the graph does not recompute a derived item representation per call.
+        self.register_buffer("vectors", model.item_vectors().detach().clone(), persistent=False)
+
+    def forward(
+        self, item: torch.Tensor, position: torch.Tensor, past_kv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """item (B,), position (B,), past_kv (B, nb, 2, P, D) -> scores (B, N + 1),
+        hidden (B, D), new_kv (B, nb, 2, D)."""
+        vectors = self.vectors  # (N + 1, D)
+        x = F.embedding(item, vectors) * self.scale + self.model.pos_emb(position)  # (B, D)
+        steps = torch.arange(past_kv.shape[3], device=item.device)  # (P,)
+        visible = steps.unsqueeze(0) < position.unsqueeze(1)  # (B, P)
+        past = past_kv.float()  # (B, nb, 2, P, D)
+        new_kv = []
+        for i, block in enumerate(blocks_of(self.model)):
+            x, k, v = _block_step(block, x, past[:, i, 0], past[:, i, 1], visible)
+            new_kv.append(torch.stack([k, v], dim=1))  # (B, 2, D)
+        hidden = self.model.ln_f(x)  # (B, D)
+        scores = hidden @ vectors.T  # (B, N + 1)
+        return scores, hidden, torch.stack(new_kv, dim=1).to(CACHE_DTYPE)  # (B, nb, 2, D)
+
+
+def blocks_of(model: SASRec) -> list[Block]:
+    return [cast(Block, block) for block in model.blocks]
+
+
+def _block_step(
+    block: Block,
+    x: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    visible: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pre-LN block at one position: x (B, D), past_k/v (B, P, D), visible (B, P) ->
+    (x after the block (B, D), the position's key (B, D) and value (B, D))."""
+    attn = block.attn
+    heads, hd = attn.n_heads, attn.head_dim
+    q, k, v = torch.split(attn.qkv(block.ln_1(x)), attn.d_model, dim=1)  # 3 × (B, D)
+    qh = torch.unflatten(q, 1, (heads, hd)).unsqueeze(2)  # (B, H, 1, hd)
+    kh = torch.unflatten(k, 1, (heads, hd))  # (B, H, hd)
+    vh = torch.unflatten(v, 1, (heads, hd))  # (B, H, hd)
+    past_kh = torch.unflatten(past_k, 2, (heads, hd)).transpose(1, 2)  # (B, H, P, hd)
+    past_vh = torch.unflatten(past_v, 2, (heads, hd)).transpose(1, 2)  # (B, H, P, hd)
+    scale = 1.0 / math.sqrt(hd)
+    past_logits = (qh @ past_kh.transpose(2, 3)).squeeze(2) * scale  # (B, H, P)
+    past_logits = past_logits.masked_fill(~visible.unsqueeze(1), float("-inf"))
+    self_logit = (qh.squeeze(2) * kh).sum(dim=2, keepdim=True) * scale  # (B, H, 1)
+    weights = torch.softmax(torch.cat([past_logits, self_logit], dim=2), dim=2)  # (B, H, P + 1)
+    y = (weights[:, :, :-1].unsqueeze(2) @ past_vh).squeeze(2)  # (B, H, hd)
+    y = y + weights[:, :, -1:] * vh  # (B, H, hd)
+    x = x + block.attn.proj(y.flatten(1))  # (B, D)
+    out: torch.Tensor = x + block.ffn(block.ln_2(x))  # (B, D)
+    return out, k, v
