@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,dev,faust]' 'click<8.4'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,text,dev,faust]' 'click<8.4'
 	touch $(STAMP)
 
 env: $(STAMP)

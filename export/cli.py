@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from export.item_text import DEFAULT_ENCODER_DIR
 from model.cli import torch_missing
 
 
@@ -24,6 +25,16 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--model-version", help="default: sasrec-<UTC time>-<weights sha256 prefix>")
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(func=_export)
+
+    p = subparsers.add_parser(
+        "export-text-encoder",
+        help="export all-MiniLM-L6-v2 to ONNX (pooling included) for torch-free serving",
+    )
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_ENCODER_DIR, help="directory (replaced if present)"
+    )
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=_export_text_encoder)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -50,4 +61,20 @@ def _export(args: argparse.Namespace) -> int:
         "onnx_parity_max_abs_diff": bundle.manifest.metrics.get("onnx_parity_max_abs_diff"),
     }
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _export_text_encoder(args: argparse.Namespace) -> int:
+    if torch_missing():
+        return 1
+    from export.errors import ExportError
+    from export.text_encoder import export_text_encoder
+
+    try:
+        path = export_text_encoder(args.out, opset=args.opset)
+    except ExportError as exc:
+        print(f"export-text-encoder: {exc}", file=sys.stderr)
+        return 1
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    print(json.dumps({"text_encoder": str(path), **manifest["parity"]}, indent=2))
     return 0
