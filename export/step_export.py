@@ -103,11 +103,17 @@ class Replay:
 
 
 def replay(
-    windows: np.ndarray, full: SeqFn, prefill: SeqFn, step: StepFn, *, seed: int = 0
+    windows: np.ndarray,
+    full: SeqFn,
+    prefill: SeqFn,
+    step: StepFn,
+    *,
+    from_empty: bool = False,
+    seed: int = 0,
 ) -> Iterator[Replay]:
     """Grow each row of `windows` (B, L) left-padded click by click through `step`, from a cache
-    that `prefill` built over a random prefix (empty for some rows), and pair every step's
-    outputs with `full` on the same window."""
+    that `prefill` built over a random prefix (empty for about half the rows, for all of them
+    with from_empty), and pair every step's outputs with `full` on the same window."""
     rng = np.random.default_rng(seed)
     B, L = windows.shape
     lengths = (windows != 0).sum(axis=1)  # (B,)
@@ -115,7 +121,7 @@ def replay(
     for r in range(B):
         items[r, : lengths[r]] = windows[r, L - lengths[r] :]
     start = rng.integers(0, lengths + 1)  # (B,) positions already cached by prefill
-    start[rng.random(B) < 0.5] = 0
+    start[(rng.random(B) < 0.5) | from_empty] = 0
     with_prefix = np.flatnonzero(start > 0)
     kv = prefill(_left_pad(items, start))[2]  # (B, nb, 2, L, D)
     # Right padding with finite garbage: the step model must ignore slots >= position.
@@ -176,12 +182,18 @@ def onnx_fns(prefill_path: Path, step_path: Path) -> tuple[SeqFn, StepFn]:
 
 
 def check_replay(
-    windows: np.ndarray, full: SeqFn, prefill: SeqFn, step: StepFn, *, rtol: float = STEP_RTOL
+    windows: np.ndarray,
+    full: SeqFn,
+    prefill: SeqFn,
+    step: StepFn,
+    *,
+    rtol: float = STEP_RTOL,
+    from_empty: bool = False,
 ) -> float:
     """Max relative difference (to 1 + max |full|) of step vs full scores/hidden over a replay;
     ParityError beyond rtol, on a top-10 that differs outside ties, or on a bad shape/dtype."""
     worst = 0.0
-    for call in replay(windows, full, prefill, step):
+    for call in replay(windows, full, prefill, step, from_empty=from_empty):
         for name, want, got in zip(("scores", "hidden"), call.expected, call.actual, strict=True):
             scale = 1.0 + float(np.max(np.abs(want)))
             diff = check_output(f"step {name}", want, got, np.float32) / scale

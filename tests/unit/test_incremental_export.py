@@ -1,0 +1,316 @@
+"""Incremental inference: the window rule, step vs full model (PyTorch and onnxruntime), and
+bundles with and without the step pair."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from export.bundle import (
+    ITEM_VECTORS,
+    MANIFEST,
+    PREFILL,
+    STEP,
+    default_stride,
+    load_bundle,
+    next_window_len,
+    window_len,
+)
+from export.errors import BundleError, ParityError
+from export.graphs import check_top_k, parity_windows
+from export.onnx_export import export_bundle, write_arrays
+from export.step_export import (
+    STEP_RTOL,
+    check_replay,
+    check_step_parity,
+    export_step_pair,
+    onnx_fns,
+    replay,
+    torch_fns,
+)
+from model.config import SASRecConfig, TrainConfig
+from model.data import load_dataset
+from model.errors import ModelError
+from model.incremental import Prefill, StepModel, supports_step
+from model.sasrec import SASRec
+from model.train import load_checkpoint, model_from_checkpoint, train
+from tests.unit.test_data import chain_dataset_dir
+
+torch.set_num_threads(2)
+NUM_ITEMS = 40
+
+
+def sharp_model(seed: int = 0, **cfg: Any) -> SASRec:
+    """A random model with weights 10x the init (LayerNorms kept), so attention is far from
+    uniform and scores spread (std ~1) as a trained model's do."""
+    torch.manual_seed(seed)
+    model = SASRec(SASRecConfig(num_items=NUM_ITEMS, **{"max_len": 12, "d_model": 16, **cfg}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ln" not in name:
+                param.mul_(10)
+    return model.eval()
+
+
+# --- the window rule -------------------------------------------------------------------------
+
+
+def test_the_window_grows_by_one_until_full_then_slides_by_stride() -> None:
+    lengths, cached = [], 0
+    for _ in range(14):
+        cached = next_window_len(cached, max_len=6, stride=3)
+        lengths.append(cached)
+    assert lengths == [1, 2, 3, 4, 5, 6, 4, 5, 6, 4, 5, 6, 4, 5]
+    assert default_stride(50) == 25 and default_stride(1) == 1
+
+
+@given(max_len=st.integers(1, 60), data=st.data())
+def test_window_len_is_what_appending_one_click_at_a_time_gives(
+    max_len: int, data: st.DataObject
+) -> None:
+    stride = data.draw(st.integers(1, max_len))
+    cached = 0
+    for history in range(1, 3 * max_len + 2):
+        new = next_window_len(cached, max_len, stride)
+        assert new == window_len(history, max_len, stride)
+        assert new == cached + 1 or (cached == max_len and new == max_len - stride + 1)
+        assert 1 <= new <= max_len
+        cached = new
+
+
+@pytest.mark.parametrize(
+    ("cached", "max_len", "stride"), [(-1, 5, 2), (6, 5, 2), (0, 5, 0), (0, 5, 6), (0, 0, 1)]
+)
+def test_the_window_rule_refuses_impossible_arguments(cached: int, max_len: int, stride: int):
+    with pytest.raises(ValueError):
+        next_window_len(cached, max_len, stride)
+
+
+# --- step vs full model ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cfg", [{"n_heads": 1}, {"n_heads": 2}, {"n_heads": 4, "n_blocks": 3}, {"n_blocks": 1}]
+)
+@pytest.mark.parametrize("from_empty", [True, False], ids=["from-empty", "after-prefill"])
+def test_torch_step_matches_the_full_model_on_every_window(cfg: dict[str, int], from_empty: bool):
+    model = sharp_model(**cfg)
+    full, prefill, step = torch_fns(model)
+    for seed in range(2):
+        windows = parity_windows(NUM_ITEMS, model.cfg.max_len, 17, seed)
+        assert check_replay(windows, full, prefill, step, from_empty=from_empty) <= STEP_RTOL
+
+
+def test_the_replay_covers_growth_from_empty_to_max_len_with_mixed_positions() -> None:
+    model = sharp_model()
+    windows = parity_windows(NUM_ITEMS, model.cfg.max_len, 17)
+    calls = list(replay(windows, *torch_fns(model), from_empty=True))
+    seen = {
+        (int(r), int(n)) for call in calls for r, n in zip(call.rows, call.lengths, strict=True)
+    }
+    lengths = (windows != 0).sum(axis=1)
+    assert seen == {(r, n) for r in range(17) for n in range(1, lengths[r] + 1)}
+    assert any(len(set(call.lengths.tolist())) > 1 for call in calls)
+
+
+def test_the_replay_catches_a_step_model_of_other_weights() -> None:
+    model, other = sharp_model(seed=0), sharp_model(seed=1)
+    full, prefill, _ = torch_fns(model)
+    windows = parity_windows(NUM_ITEMS, model.cfg.max_len, 17)
+    with pytest.raises(ParityError):
+        check_replay(windows, full, prefill, torch_fns(other)[2])
+
+
+def test_prefill_keys_and_values_are_the_full_models_own() -> None:
+    model = sharp_model(n_heads=2)
+    windows = torch.from_numpy(parity_windows(NUM_ITEMS, model.cfg.max_len, 5))
+    with torch.no_grad():
+        scores, _, kv = Prefill(model)(windows)
+        want = model.score_last(windows)
+        x = model.item_vectors()[windows] * 4.0 + model.pos_emb(model.positions(windows))
+        first_qkv = model.blocks[0].attn.qkv(model.blocks[0].ln_1(x))  # (B, L, 3D)
+    assert torch.allclose(scores, want, atol=1e-5)
+    assert kv.shape == (5, 2, 2, 12, 16) and kv.dtype == torch.float16
+    assert torch.allclose(kv[:, 0, 0].float(), first_qkv[..., 16:32], atol=2e-3, rtol=2e-3)
+    assert torch.allclose(kv[:, 0, 1].float(), first_qkv[..., 32:], atol=2e-3, rtol=2e-3)
+
+
+def test_slot_position_models_have_no_step_model() -> None:
+    model = sharp_model(positions="slot")
+    assert not supports_step(model)
+    for wrapper in (Prefill, StepModel):
+        with pytest.raises(ModelError, match="positions='first'"):
+            wrapper(model)
+
+
+def test_onnx_step_pair_matches_torch_and_the_full_model(tmp_path: Path) -> None:
+    model = sharp_model(n_heads=2)
+    paths = export_step_pair(model, tmp_path)
+    diffs = check_step_parity(model, paths[PREFILL], paths[STEP])
+    assert diffs["prefill_max_abs_diff"] <= 1e-4
+    assert 0 < diffs["step_max_rel_diff"] <= STEP_RTOL
+    full = torch_fns(model)[0]
+    windows = parity_windows(NUM_ITEMS, model.cfg.max_len, 9, seed=5)
+    onnx_pair = onnx_fns(paths[PREFILL], paths[STEP])
+    assert check_replay(windows, full, *onnx_pair, from_empty=True) <= STEP_RTOL
+
+
+def test_onnx_step_follows_the_window_rule_over_long_histories(tmp_path: Path) -> None:
+    """Serving's loop: step while the window grows, prefill when it slides; every click's
+    scores equal the full model's on the newest window_len items."""
+    model = sharp_model()
+    L, stride = model.cfg.max_len, 5
+    paths = export_step_pair(model, tmp_path)
+    prefill, step = onnx_fns(paths[PREFILL], paths[STEP])
+    full = torch_fns(model)[0]
+    history = np.random.default_rng(3).integers(1, NUM_ITEMS + 1, size=(4, 3 * L + 4))
+    cache = np.zeros((4, 2, 2, L, 16), np.float16)  # (B, nb, 2, L, D)
+    cached, rebuilds = 0, 0
+    for t in range(history.shape[1]):
+        n = next_window_len(cached, L, stride)
+        window = np.zeros((4, L), np.int64)
+        window[:, L - n :] = history[:, t + 1 - n : t + 1]
+        if n == cached + 1:
+            pos = np.full(4, cached)
+            scores, _, new_kv = step(history[:, t], pos, cache[:, :, :, : max(cached, 1)])
+            cache[:, :, :, cached] = new_kv
+        else:
+            rebuilds += 1
+            scores, _, kv = prefill(window)
+            cache[:, :, :, :n] = kv[:, :, :, L - n :]
+        want = full(window)[0]
+        tol = STEP_RTOL * (1 + np.abs(want).max())
+        assert np.abs(scores - want).max() <= tol
+        check_top_k(want, scores, 10, tol)
+        cached = n
+    assert rebuilds == (history.shape[1] - L - 1) // stride + 1
+
+
+# --- bundles ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("incremental")
+    ds = load_dataset(f"synthetic:{chain_dataset_dir(root / 'data', num_items=15, num_users=30)}")
+    ckpt = train(
+        ds,
+        SASRecConfig(num_items=ds.num_items, max_len=8, d_model=16, n_heads=2),
+        TrainConfig(epochs=3, batch_size=8, lr=5e-3, seed=1),
+        root / "run",
+        progress=False,
+    )
+    return ckpt, export_bundle(ckpt, root / "bundle")
+
+
+def test_an_exported_bundle_carries_the_step_pair_and_item_vectors(exported) -> None:
+    ckpt, bundle_dir = exported
+    model = model_from_checkpoint(load_checkpoint(ckpt))
+    bundle = load_bundle(bundle_dir)
+    spec = bundle.step
+    assert spec is not None and bundle.step_path and bundle.prefill_path
+    assert (spec.n_blocks, spec.d_model, spec.n_heads, spec.stride) == (2, 16, 2, 4)
+    assert (spec.prefill, spec.step, spec.cache_dtype) == (PREFILL, STEP, "float16")
+    assert {PREFILL, STEP, ITEM_VECTORS} <= set(bundle.manifest.files)
+    assert bundle.manifest.metrics["step_max_rel_diff"] <= STEP_RTOL
+    vectors = np.load(bundle.item_vectors_path)
+    assert vectors.dtype == np.float32 and vectors.shape == (16, 16)
+    np.testing.assert_array_equal(vectors, model.item_vectors().detach().numpy())
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    windows = parity_windows(15, 8, 6)
+    scores, hidden = session.run(["scores", "hidden"], {"item_seq": windows})
+    np.testing.assert_allclose(scores, hidden @ vectors.T, atol=1e-5)
+
+
+def test_a_slot_position_model_exports_without_the_step_pair(tmp_path: Path, exported) -> None:
+    ckpt = load_checkpoint(exported[0])
+    ckpt["model_config"] = {**ckpt["model_config"], "positions": "slot"}
+    torch.save(ckpt, tmp_path / "slot.pt")
+    bundle = load_bundle(export_bundle(tmp_path / "slot.pt", tmp_path / "bundle"))
+    assert bundle.step is None and bundle.step_path is None
+    assert not {PREFILL, STEP} & set(bundle.manifest.files)
+    assert bundle.item_vectors_path is not None
+    assert "step" not in json.loads((bundle.path / MANIFEST).read_text())
+
+
+def _edit(bundle: Path, change: Any) -> None:
+    raw = json.loads((bundle / MANIFEST).read_text())
+    change(raw)
+    (bundle / MANIFEST).write_text(json.dumps(raw))
+
+
+def test_a_bundle_from_before_the_step_pair_still_loads(tmp_path: Path, exported) -> None:
+    copy = Path(shutil.copytree(exported[1], tmp_path / "b"))
+
+    def strip(raw: dict[str, Any]) -> None:
+        del raw["step"]
+        for name in (PREFILL, STEP, ITEM_VECTORS):
+            del raw["files"][name]
+            (copy / name).unlink()
+
+    _edit(copy, strip)
+    bundle = load_bundle(copy)
+    assert bundle.step is None and bundle.item_vectors_path is None
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"cache_dtype": "float32"},
+        {"n_heads": 3},
+        {"n_blocks": 0},
+        {"stride": 0},
+        {"stride": 9},
+        {"step": "model.onnx"},
+        {"prefill": "../prefill.onnx"},
+        {"prefill": ".hidden"},
+        {"step": "prefill.onnx"},
+        {"stride": None},
+        {"stride": float("nan")},
+        "step.onnx",
+        7,
+    ],
+    ids=repr,
+)
+def test_a_malformed_step_section_is_refused(tmp_path: Path, exported, step: Any) -> None:
+    copy = Path(shutil.copytree(exported[1], tmp_path / "b"))
+
+    def change(raw: dict[str, Any]) -> None:
+        if isinstance(step, dict):  # merged into the good section; None deletes the key
+            merged = {**raw["step"], **step}
+            raw["step"] = {k: v for k, v in merged.items() if v is not None}
+        else:
+            raw["step"] = step
+
+    _edit(copy, change)
+    with pytest.raises(BundleError):
+        load_bundle(copy)
+
+
+def test_a_step_section_whose_file_is_not_listed_is_refused(tmp_path: Path, exported) -> None:
+    copy = Path(shutil.copytree(exported[1], tmp_path / "b"))
+    _edit(copy, lambda raw: raw["files"].pop(STEP))
+    with pytest.raises(BundleError, match=r"does not list step\.onnx"):
+        load_bundle(copy)
+
+
+class _WithExtras(SASRec):
+    def bundle_extras(self) -> dict[str, np.ndarray]:
+        return {"text_proj_b": np.arange(4, dtype=np.float32)}
+
+
+def test_bundle_extras_are_written_beside_item_vectors(tmp_path: Path) -> None:
+    model = _WithExtras(SASRecConfig(num_items=5, max_len=4, d_model=8))
+    paths = write_arrays(model, tmp_path)
+    assert set(paths) == {ITEM_VECTORS, "text_proj_b.npy"}
+    np.testing.assert_array_equal(np.load(paths["text_proj_b.npy"]), np.arange(4))
+    assert np.load(paths[ITEM_VECTORS]).shape == (6, 8)
