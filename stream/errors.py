@@ -7,7 +7,7 @@ StreamError
  │    └── DeliveryError     a produced record was not acknowledged
  ├── StateError             the RocksDB session store cannot be opened or written
  ├── ScoringError           the ONNX session rejected a batch or the bundle does not fit
- └── InvalidEventError      the producer API refused an event (carries the DLQ reason)
+ └── InvalidEventError      the producer API refused an event or item (carries the DLQ reason)
 """
 
 from __future__ import annotations
@@ -48,6 +48,6 @@ class ScoringError(StreamError):
 class InvalidEventError(StreamError):
     """The producer API refused an event; `reason` is the dead-letter reason it would get."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"invalid click event ({reason}): {detail}")
+    def __init__(self, reason: str, detail: str, what: str = "click event") -> None:
+        super().__init__(f"invalid {what} ({reason}): {detail}")
         self.reason = reason

@@ -5,17 +5,23 @@
 
 Events are checked against the click schema v1 before they leave the process (the item
 catalogue is the processor's business: unknown items are dead-lettered there).
+
+    with ItemProducer(KafkaSettings(bootstrap_servers="localhost:9092")) as items:
+        items.publish("i9001", "Heat (1995)", genres=["Action", "Crime"])   # item schema v1
+        items.withdraw("i0042")                                             # a tombstone
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from types import TracebackType
+from typing import Self
 
 import orjson
 
 from stream.batch import CONTROL_HEADER, FORGET
-from stream.codec import ClickEvent, Invalid, decode_click
+from stream.codec import ClickEvent, Invalid, ItemRecord, decode_click, decode_item
 from stream.config import CodecLimits, KafkaSettings
 from stream.errors import InvalidEventError
 from stream.kafka.clients import DeliveryTracker, make_producer
@@ -28,17 +34,40 @@ class _Anything:
         return True
 
 
-class ClickProducer:
+class _Producer:
+    """An idempotent producer to one topic; leaving `with` waits until all is acknowledged."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str, limits: CodecLimits | None) -> None:
+        self.topic = topic
+        self.limits = limits or CodecLimits()
+        self._delivery = DeliveryTracker(make_producer(kafka))
+        self.sent = 0
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until everything sent is acknowledged; raises DeliveryError otherwise."""
+        self._delivery.flush(timeout_s)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.flush()
+
+
+class ClickProducer(_Producer):
     def __init__(
         self,
         kafka: KafkaSettings,
         topic: str = "clicks",
         limits: CodecLimits | None = None,
     ) -> None:
-        self.topic = topic
-        self.limits = limits or CodecLimits()
-        self._delivery = DeliveryTracker(make_producer(kafka))
-        self.sent = 0
+        super().__init__(kafka, topic, limits)
 
     def send(
         self, user_id: str, item_id: str, ts: int | None = None, event_type: str = "click"
@@ -83,18 +112,44 @@ class ClickProducer:
         self._delivery.produce(self.topic, key, value)
         self._delivery.producer.poll(0)
 
-    def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait until everything sent is acknowledged; raises DeliveryError otherwise."""
-        self._delivery.flush(timeout_s)
 
-    def __enter__(self) -> ClickProducer:
-        return self
+class ItemProducer(_Producer):
+    """Publishes catalogue items (item schema v1), keyed by item id, to the items topic."""
 
-    def __exit__(
+    def __init__(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        kafka: KafkaSettings,
+        topic: str = "items",
+        limits: CodecLimits | None = None,
     ) -> None:
-        if exc_type is None:
-            self.flush()
+        super().__init__(kafka, topic, limits)
+
+    def publish(
+        self,
+        item_id: str,
+        title: str,
+        genres: Sequence[str] = (),
+        year: int | None = None,
+        fields: dict[str, object] | None = None,
+    ) -> ItemRecord:
+        """Validate and enqueue one item; raises InvalidEventError with the DLQ reason."""
+        item = ItemRecord(item_id, title, tuple(genres), year, fields)
+        payload = item.to_json()
+        key = item_id.encode("utf-8") if isinstance(item_id, str) else None
+        checked = decode_item(key, payload, self.limits)
+        if isinstance(checked, Invalid):
+            raise InvalidEventError(checked.reason, checked.detail, "item")
+        assert isinstance(checked, ItemRecord)
+        self._send(key, payload)
+        return checked
+
+    def withdraw(self, item_id: str) -> None:
+        """A tombstone: processors stop recommending the item (compaction then drops it)."""
+        if not item_id.strip():
+            raise InvalidEventError("empty_field", "item_id", "item")
+        self._send(item_id.encode("utf-8"), None)
+
+    def _send(self, key: bytes | None, value: bytes | None) -> None:
+        self._delivery.produce(self.topic, key, value)
+        self._delivery.producer.poll(0)
+        self.sent += 1

@@ -68,7 +68,7 @@ REQUIRED_FIELDS: Final = (
     "event_ts",
     "generated_ts",
 )
-ITEM_FIELDS: Final = ("item_id", "score", "rank")
+ITEM_FIELDS: Final = ("item_id", "score", "rank")  # required; "because" is optional
 _BATCH_MAX: Final = 500
 
 
@@ -89,7 +89,7 @@ class Recommendation:
         return {
             "schema_version": SCHEMA_VERSION,
             "user_id": self.user_id,
-            "items": [{"item_id": i.item_id, "score": i.score, "rank": i.rank} for i in self.items],
+            "items": [i.to_dict() for i in self.items],
             "model_version": self.model_version,
             "partition": self.partition,
             "offset": self.offset,
@@ -140,7 +140,12 @@ def _validate_items(raw: object) -> tuple[RecommendedItem, ...] | InvalidRecomme
             return InvalidRecommendation("wrong_type", f"items[{n}].rank must be an integer")
         if rank < 1:
             return InvalidRecommendation("out_of_range", f"items[{n}].rank is {rank}")
-        items.append(RecommendedItem(item_id=item_id, score=score, rank=rank))
+        because = entry.get("because")
+        if "because" in entry and not isinstance(because, str):  # absent is fine, null is not
+            return InvalidRecommendation("wrong_type", f"items[{n}].because must be a string")
+        if because == "":
+            return InvalidRecommendation("empty_field", f"items[{n}].because")
+        items.append(RecommendedItem(item_id, score, rank, because))
     # Consumers show the list in rank order; a gap or a swap means a broken producer.
     if [i.rank for i in items] != list(range(1, len(items) + 1)):
         return InvalidRecommendation("rank_sequence", "ranks are not 1..n in order")

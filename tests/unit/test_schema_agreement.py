@@ -15,7 +15,14 @@ import jsonschema
 import orjson
 import pytest
 
-from stream.codec import ClickEvent, RecommendedItem, decode_click, encode_recommendation
+from stream.codec import (
+    ClickEvent,
+    ItemRecord,
+    RecommendedItem,
+    decode_click,
+    decode_item,
+    encode_recommendation,
+)
 from stream.config import CodecLimits
 from stream.subscriber import InvalidRecommendation, Recommendation, validate_recommendation
 
@@ -32,6 +39,7 @@ def load_schema(name: str) -> dict[str, Any]:
 
 REC_SCHEMA = load_schema("recommendation.v1.json")
 CLICK_SCHEMA = load_schema("click_event.v1.json")
+ITEM_SCHEMA = load_schema("item.v1.json")
 
 
 def encoded(**overrides: Any) -> dict[str, Any]:
@@ -53,7 +61,7 @@ def encoded(**overrides: Any) -> dict[str, Any]:
 
 
 def test_encoder_produces_exactly_the_declared_fields() -> None:
-    record = encoded()
+    record = encoded(items=[RecommendedItem("i2", 1.5, 1, because="i1")])
     assert set(REC_SCHEMA["required"]) <= set(record), "a required field is not produced"
     assert set(record) <= set(REC_SCHEMA["properties"]), "a produced field is not declared"
     item_schema = REC_SCHEMA["properties"]["items"]["items"]
@@ -70,6 +78,7 @@ def test_encoder_produces_exactly_the_declared_fields() -> None:
         {"items": [RecommendedItem("i9", 0.0, 1)], "partition": 0, "offset": 0},
         {"offset": 2**62, "event_ts": 0, "generated_ts": 1},
         {"user_id": "ü-ユーザー", "model_version": ""},
+        {"items": [RecommendedItem("i2", 1.5, 1, because="i1"), RecommendedItem("i3", 1.0, 2)]},
     ],
 )
 def test_encoded_records_validate_against_the_schema(overrides: dict[str, Any]) -> None:
@@ -112,6 +121,10 @@ REC_EXAMPLES: dict[str, object] = {
     "valid: empty items": _with(items=[]),
     "valid: unknown extra field (additive change)": _with(explanation={"why": "similar users"}),
     "valid: unknown extra item field": _item(0, title="A title"),
+    "valid: because": _item(0, because="i1"),
+    "because null": _item(0, because=None),
+    "because empty": _item(0, because=""),
+    "because not a string": _item(0, because=["i1"]),
     "valid: integral floats are JSON integers": _with(partition=3.0, offset=5.0, event_ts=1e12),
     "valid: schema_version 1.0": _with(schema_version=1.0),
     "valid: integer score": _item(0, score=2),
@@ -255,3 +268,81 @@ def test_click_event_encoding_validates_against_the_schema() -> None:
     for event_type in CLICK_SCHEMA["properties"]["event_type"]["enum"]:
         event = ClickEvent("u1", KNOWN_ITEM, NOW, event_type)
         jsonschema.validate(orjson.loads(event.to_json()), CLICK_SCHEMA)
+
+
+def test_subscriber_keeps_because() -> None:
+    result = validate_recommendation(_item(1, because="i1"))
+    assert isinstance(result, Recommendation)
+    assert [i.because for i in result.items] == [None, "i1"]
+    assert result.as_dict() == _item(1, because="i1")
+
+
+# -- (5): the item decoder and the item schema -------------------------------------------------
+
+
+def _catalogue_item(**changes: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {"schema_version": 1, "item_id": "i9", "title": "Heat (1995)"}
+    record.update(changes)
+    return record
+
+
+def _catalogue_item_without(name: str) -> dict[str, Any]:
+    record = _catalogue_item()
+    del record[name]
+    return record
+
+
+ITEM_EXAMPLES: dict[str, object] = {
+    "valid": _catalogue_item(),
+    "valid: every optional field": _catalogue_item(
+        genres=["Action", "Crime"], year=1995, fields={"director": "Michael Mann"}
+    ),
+    "valid: empty genres": _catalogue_item(genres=[]),
+    "valid: unknown extra field": _catalogue_item(studio="Warner"),
+    "valid: integral float year": _catalogue_item(year=1995.0),
+    "valid: schema_version 1.0": _catalogue_item(schema_version=1.0),
+    "valid: longest title": _catalogue_item(title="t" * 1024),
+    "valid: non-ASCII title": _catalogue_item(title="千と千尋の神隠し"),
+    "not an object": ["i9", "Heat"],
+    **{f"missing {name}": _catalogue_item_without(name) for name in ITEM_SCHEMA["required"]},
+    "schema_version 2": _catalogue_item(schema_version=2),
+    "schema_version true": _catalogue_item(schema_version=True),
+    "schema_version '1'": _catalogue_item(schema_version="1"),
+    "item_id not a string": _catalogue_item(item_id=9),
+    "item_id whitespace": _catalogue_item(item_id=" "),
+    "item_id too long": _catalogue_item(item_id="i" * 257),
+    "title null": _catalogue_item(title=None),
+    "title empty": _catalogue_item(title=""),
+    "title too long": _catalogue_item(title="t" * 1025),
+    "genres a string": _catalogue_item(genres="Action|Crime"),
+    "genres with a number": _catalogue_item(genres=["Action", 3]),
+    "genres with a blank": _catalogue_item(genres=["Action", " "]),
+    "genres too many": _catalogue_item(genres=[f"g{n}" for n in range(33)]),
+    "genre too long": _catalogue_item(genres=["g" * 65]),
+    "year a string": _catalogue_item(year="1995"),
+    "year not integral": _catalogue_item(year=1995.5),
+    "year a bool": _catalogue_item(year=True),
+    "year null": _catalogue_item(year=None),
+    "fields an array": _catalogue_item(fields=[1]),
+    "fields null": _catalogue_item(fields=None),
+}
+
+
+@pytest.mark.parametrize("name", list(ITEM_EXAMPLES))
+def test_item_decoder_accepts_exactly_what_the_schema_accepts(name: str) -> None:
+    record = ITEM_EXAMPLES[name]
+    schema_ok = jsonschema.Draft202012Validator(ITEM_SCHEMA).is_valid(record)
+    item_id = record.get("item_id") if isinstance(record, dict) else None
+    key = item_id.encode("utf-8") if isinstance(item_id, str) else None
+    result = decode_item(key, orjson.dumps(record), CodecLimits())
+    assert isinstance(result, ItemRecord) == schema_ok, (name, result)
+    assert schema_ok == name.startswith("valid"), "the example's name says what it expects"
+
+
+def test_item_encoding_validates_against_the_schema() -> None:
+    for item in (
+        ItemRecord("i1", "Heat (1995)"),
+        ItemRecord("i2", "Heat", ("Action", "Crime"), 1995, {"director": "Michael Mann"}),
+    ):
+        jsonschema.validate(orjson.loads(item.to_json()), ITEM_SCHEMA)
+        assert decode_item(item.item_id.encode(), item.to_json(), CodecLimits()) == item
