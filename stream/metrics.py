@@ -97,6 +97,17 @@ class ProcessorMetrics:
             buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=r,
         )
+        self.runtime_items = Gauge(
+            "streamrec_runtime_items",
+            "Items from the items topic that the bundle lacks and that are recommendable now.",
+            registry=r,
+        )
+        self.items_unplaced = Counter(
+            "streamrec_items_unplaced",
+            "New catalogue items that could not be placed in the model's item space (an "
+            "ID-only bundle, or no text encoder).",
+            registry=r,
+        )
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         for result in ("ok", "refused"):

@@ -97,7 +97,7 @@ def test_a_tampered_or_missing_encoder_is_refused(exported: Path, tmp_path: Path
 
 def test_serving_text_modules_import_no_torch() -> None:
     code = (
-        "import sys, stream.text, export.item_text;"
+        "import sys, stream.text, stream.catalogue, stream.explain, export.item_text;"
         "leaked = sorted(m for m in ('torch', 'transformers', 'sentence_transformers', 'onnx')"
         " if m in sys.modules);"
         "assert not leaked, leaked"
