@@ -113,10 +113,12 @@ class StepModel(nn.Module):
         x = F.embedding(item, vectors) * self.scale + self.model.pos_emb(position)  # (B, D)
         steps = torch.arange(past_kv.shape[3], device=item.device)  # (P,)
         visible = steps.unsqueeze(0) < position.unsqueeze(1)  # (B, P)
-        past = past_kv.float()  # (B, nb, 2, P, D)
         new_kv = []
         for i, block in enumerate(blocks_of(self.model)):
-            x, k, v = _block_step(block, x, past[:, i, 0], past[:, i, 1], visible)
+            # Select in float16, then cast: onnxruntime copies each selection, half the bytes
+            # this way (about 15% of the step at batch 256 here).
+            past_k, past_v = past_kv[:, i, 0].float(), past_kv[:, i, 1].float()  # (B, P, D)
+            x, k, v = _block_step(block, x, past_k, past_v, visible)
             new_kv.append(torch.stack([k, v], dim=1))  # (B, 2, D)
         hidden = self.model.ln_f(x)  # (B, D)
         scores = hidden @ vectors.T  # (B, N + 1)
