@@ -9,6 +9,10 @@ Keys:
 Sessions and the applied-offset markers of one batch go into one WriteBatch, so after a crash
 the store is either before or after the whole batch. Events at or below a partition's marker
 were already applied: a replay (at-least-once delivery) is recognised and not appended twice.
+
+The column family "kv" holds the incremental-inference cache (stream.kvcache), which can always
+be rebuilt from the session: b"u/" + user_id -> one encoded entry, b"m/version" -> the model
+version of every entry. It is written without the WAL and never goes to the changelog.
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ from pathlib import Path
 from typing import Protocol
 
 import orjson
-from rocksdict import Rdict, WriteBatch
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from stream.config import RocksOptions
 from stream.errors import StateError
 
 _SESSION = b"s/"
 _OFFSET = b"o/"
+_KV_FAMILY = "kv"
+_KV_USER = b"u/"
+_KV_VERSION = b"m/version"
 
 
 @dataclass(slots=True)
@@ -107,6 +114,7 @@ class RocksSessionStore:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._db = Rdict(str(self.path), self._options.to_options())
+            self._kv_family: Rdict | None = None
         except Exception as exc:  # rocksdict raises plain Exception for lock/IO errors
             raise StateError(
                 f"cannot open the session store at {self.path}: {exc} "
@@ -156,8 +164,58 @@ class RocksSessionStore:
             out.append((key[len(_SESSION) :].decode("utf-8"), Session.from_bytes(value)))
         return out
 
+    # -- the incremental-inference cache (KVBacking) ---------------------------------------
+    def _kv(self) -> Rdict:
+        if self._kv_family is None:
+            try:
+                family = self._db.get_column_family(_KV_FAMILY)
+            except Exception:  # rocksdict: plain Exception when the family does not exist
+                family = self._db.create_column_family(_KV_FAMILY, Options(raw_mode=True))
+            no_wal = WriteOptions()
+            # Derived data: a crash loses recent entries, never the truth. (A property at run
+            # time; the stub calls it a method.)
+            no_wal.disable_wal = True  # type: ignore[method-assign,assignment]
+            family.set_write_options(no_wal)
+            self._kv_family = family
+        return self._kv_family
+
+    def kv_reset(self, model_version: str) -> None:
+        """Keep the cache only if it was written for `model_version`; else drop it whole."""
+        version = model_version.encode("utf-8")
+        if self._kv().get(_KV_VERSION) == version:
+            return
+        self._kv().close()
+        self._kv_family = None
+        try:
+            self._db.drop_column_family(_KV_FAMILY)
+        except Exception as exc:
+            raise StateError(f"cannot drop the kv cache column family: {exc}") from exc
+        self._kv()[_KV_VERSION] = version
+
+    def kv_get(self, user_ids: list[str]) -> list[bytes | None]:
+        raw = self._kv().get([_KV_USER + u.encode("utf-8") for u in user_ids])
+        return list(raw or [])
+
+    def kv_write(self, entries: Mapping[str, bytes | None]) -> None:
+        """Cache entries (None deletes one), in one WriteBatch."""
+        batch = WriteBatch(raw_mode=True)
+        batch.set_default_column_family(self._db.get_column_family_handle(_KV_FAMILY))
+        for user_id, entry in entries.items():
+            key = _KV_USER + user_id.encode("utf-8")
+            if entry is None:
+                batch.delete(key)
+            else:
+                batch.put(key, entry)
+        try:
+            self._kv().write(batch)
+        except Exception as exc:
+            raise StateError(f"kv cache write failed: {exc}") from exc
+
     def flush(self) -> None:
         self._db.flush()
 
     def close(self) -> None:
+        if self._kv_family is not None:
+            self._kv_family.close()  # a family handle left open keeps the DB's lock
+            self._kv_family = None
         self._db.close()
