@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from export.item_text import DEFAULT_ENCODER_DIR
+
 
 class KafkaSettings(BaseModel):
     """Connection settings. The only place where dotted librdkafka keys appear."""
@@ -97,6 +99,7 @@ class TopicSettings(BaseModel):
     clicks: str = "clicks"
     recs: str = "recs"
     dlq: str = "clicks.dlq"
+    items: str = "items"  # the item catalogue (compacted, key = item id): new items at run time
     partitions: int = Field(default=6, ge=1)  # room for 6 processes before anyone repartitions
     replication_factor: int = Field(default=1, ge=1)
 
@@ -136,6 +139,22 @@ class ProcessorSettings(BaseSettings):
     onnx_threads: int = Field(default=1, ge=0)  # 0 = let onnxruntime choose
     # Session length kept per user; None = the bundle's max_len.
     session_max_len: int | None = None
+    # full: re-encode every touched user's window with model.onnx. incremental: one step.onnx
+    # position per click from a per-user K/V cache (prefill.onnx on a miss or a slid window);
+    # needs a bundle with a step section. auto: incremental when the bundle has one.
+    inference: Literal["auto", "full", "incremental"] = "auto"
+    # Memory for the K/V cache's LRU (~25 KB per user at d=64, 2 blocks, max_len 50): 256 MB
+    # keeps ~10k active users; evicted entries go to RocksDB and come back on their next click.
+    kv_cache_mb: float = Field(default=256.0, ge=0.0)
+    # Follow the items topic: items the bundle lacks are embedded (text_encoder), projected
+    # into the model's item space and recommendable without a restart (stream/catalogue.py).
+    follow_items: bool = True
+    text_encoder: Path = DEFAULT_ENCODER_DIR  # `streamrec export-text-encoder` writes it there
+    # At start-up the items topic is read to its end before the first click batch, at most this
+    # long, so clicks on items added at run time are not dead-lettered after a restart.
+    items_bootstrap_s: float = Field(default=30.0, ge=0.0)
+    # Each recommended item carries `because`: the most similar item of the model's window.
+    explain: bool = True
     log_every_s: float = 10.0
     # /metrics, /livez, /readyz. Loopback unless asked: metrics reveal topology and traffic.
     # "" disables the server.

@@ -35,23 +35,24 @@ from stream.batch import (
     now_ms,
     source_of,
 )
-from stream.codec import ClickEvent, Invalid, decode_click, encode_recommendation
+from stream.codec import (
+    ClickEvent,
+    Invalid,
+    RecommendedItem,
+    decode_click,
+    encode_recommendation,
+)
 from stream.config import ProcessorSettings
 from stream.errors import DeliveryError, StreamError
+from stream.incremental import kv_cache_of, make_scorer, release_kv, score_batch
+from stream.itemtable import ItemTable
 from stream.kafka.admin import partition_count
 from stream.kafka.clients import DeliveryTracker, commit_offsets, make_consumer, make_producer
 from stream.kafka.lag import LagTracker
 from stream.metrics import ProcessorMetrics
 from stream.ops import Health, OpsServer
 from stream.reload import BundleSource
-from stream.scoring import (
-    OnnxScorer,
-    Scorer,
-    model_inputs,
-    ranked_items,
-    score_isolating_failures,
-    top_k,
-)
+from stream.scoring import Explainer, Scorer, ranked_items, session_inputs, top_k
 from stream.state import RocksSessionStore, Session, SessionStore
 from stream.state.changelog import ChangelogWriter, changelog_topic, ensure_changelog
 from stream.stats import ProcessorStats, Timer
@@ -75,9 +76,17 @@ class Processor:
         self.metrics = ProcessorMetrics(settings.group)
         self.health = Health(liveness_timeout_s=settings.liveness_timeout_s)
         self.source = BundleSource(settings.bundle)
-        self.scorer: Scorer = scorer or OnnxScorer(self.source.bundle, settings.onnx_threads)
-        self._use_bundle(self.source.bundle, self.scorer)
+        # The store first: the incremental path's K/V cache persists in it.
         self.store: SessionStore = store or RocksSessionStore(settings.state_dir / "sessions")
+        try:
+            self.scorer: Scorer = scorer or make_scorer(self.source.bundle, settings, self.store)
+        except BaseException:
+            self.store.close()
+            raise
+        self._use_bundle(self.source.bundle, self.scorer)
+        # Seam: when set, explain(best, item_seq, item_vectors) -> because (B, k) runs after
+        # top-k and each recommended item carries the window item that explains it.
+        self.explain: Explainer | None = None
         self.health.state_open = True
         self.stats = ProcessorStats()
         self.consumer: Consumer = make_consumer(
@@ -105,10 +114,18 @@ class Processor:
 
     def _use_bundle(self, bundle: Bundle, scorer: Scorer) -> None:
         self.bundle, self.scorer = bundle, scorer
-        self.item_index = bundle.item_index()
+        # The scoring table (bundle items + runtime items: add_items/remove_items on it or on
+        # the scorer); a swap starts a fresh one, in the new model's item space.
+        self.items: ItemTable = getattr(scorer, "items", None) or ItemTable(bundle.item_ids, None)
+        self.stride = bundle.step.stride if bundle.step is not None else 1  # the window rule
         self.max_len = self.settings.session_max_len or bundle.max_len
         self.metrics.set_model(scorer.model_version)
         self.health.model_version = scorer.model_version
+
+    @property
+    def item_index(self) -> dict[str, int]:
+        """item id -> index of every item a click may name (bundle and runtime items)."""
+        return self.items.view.index
 
     @property
     def ops_address(self) -> str | None:
@@ -135,8 +152,8 @@ class Processor:
         self.consumer.subscribe(
             [topic],
             on_assign=self.assignment.on_assign,
-            on_revoke=self.assignment.on_revoke,
-            on_lost=self.assignment.on_lost,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
         )
         logger.info(
             "processor started: group=%s topic=%s model=%s state=%s guarantee=%s",
@@ -181,11 +198,20 @@ class Processor:
         # close() leaves the group at once; a vanished member stalls the next join for ~80 s.
         self.delivery.producer.flush(10)
         self.consumer.close()
+        release_kv(self.scorer, None)
         self.store.close()
         self.health.state_open = False
         if self._ops is not None:
             self._ops.stop()
         logger.info("processor stopped after %d events", self.stats.consumed)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        release_kv(self.scorer, {tp.partition for tp in partitions})
+        self.assignment.on_revoke(consumer, partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        release_kv(self.scorer, {tp.partition for tp in partitions})
+        self.assignment.on_lost(consumer, partitions)
 
     def _on_stats(self, raw: str) -> None:
         """librdkafka statistics (every second, from poll): is any broker connection up?"""
@@ -213,7 +239,7 @@ class Processor:
             return
         target, bundle = candidate
         try:
-            scorer = OnnxScorer(bundle, self.settings.onnx_threads)
+            scorer = make_scorer(bundle, self.settings, self.store)
         except StreamError as exc:
             self.source.refuse(target)
             self._refused(exc)
@@ -258,6 +284,7 @@ class Processor:
         now = now_ms()
         limits = self.settings.limits
         events: list[tuple[Message, ClickEvent | Forget]] = []
+        known = self.item_index
         for msg in msgs:
             if msg.error() is not None:
                 logger.warning("consume error: %s", msg.error())
@@ -271,7 +298,7 @@ class Processor:
                 result = decode_control(control, msg.key(), msg.value())
             else:
                 result = decode_click(
-                    msg.key(), msg.value(), known_items=self.item_index, now_ms=now, limits=limits
+                    msg.key(), msg.value(), known_items=known, now_ms=now, limits=limits
                 )
             if isinstance(result, Invalid):
                 batch.dead.append((msg, result))
@@ -312,41 +339,56 @@ class Processor:
         self.assignment.note_applied(applied)
 
     def _score(self, batch: Batch) -> None:
-        users = [u for u, t in batch.touched.items() if t.session is not None]
+        """Every touched user once: model inputs, model (full or incremental), top-k, the
+        explanation hook, one record each."""
+        users, sessions = [], []
         for user, touched in batch.touched.items():
             if touched.session is None:
                 batch.outputs.append((user, None))  # a tombstone: the user was forgotten
+                if (cache := kv_cache_of(self.scorer)) is not None:
+                    cache.drop([user])  # derived from the forgotten history: it goes too
+            else:
+                users.append(user)
+                sessions.append(touched.session)
         if not users:
             return
-        sessions = [batch.touched[u].session.items for u in users]  # type: ignore[union-attr]
-        seen, item_seq = model_inputs(sessions, self.item_index, self.scorer.max_len)
-        scores, failed = score_isolating_failures(self.scorer, item_seq, len(self.bundle.item_ids))
-        best, best_scores = top_k(scores, seen, self.settings.top_k)
-        generated = now_ms()
-        version = self.scorer.model_version
+        view = self.items.view  # one state of the item table for the whole batch
+        inputs = session_inputs(sessions, view, self.scorer.max_len, self.stride)
+        scored = score_batch(self.scorer, users, sessions, inputs, view)
+        best, best_scores = top_k(scored.scores, inputs.seen, self.settings.top_k)
+        explain = self.explain
+        because = None if explain is None else explain(best, inputs.item_seq, view.vectors)
+        self.metrics.scored.inc(len(users) - len(scored.failed))
         for row, user in enumerate(users):
-            touched = batch.touched[user]
-            if row in failed:
-                # The session keeps the (valid) event; only this user's output is skipped.
-                batch.failed.add(user)
-                self.metrics.errors.labels("scoring").inc()
-                invalid = Invalid("scoring_failed", str(failed[row])[:200])
-                batch.dead.append((touched.msg, invalid))
+            if row in scored.failed:
+                self._scoring_failed(batch, user, scored.failed[row])
                 continue
-            _, partition, offset = source_of(touched.msg)
-            event_ts = touched.event.ts if isinstance(touched.event, ClickEvent) else generated
-            value = encode_recommendation(
-                user_id=user,
-                items=ranked_items(best[row], best_scores[row], self.bundle.item_ids),
-                model_version=version,
-                partition=partition,
-                offset=offset,
-                event_ts=event_ts,
-                generated_ts=generated,
-            )
-            batch.outputs.append((user, value))
-            batch.event_ts.append(event_ts)
-        self.metrics.scored.inc(len(users) - len(failed))
+            reasons = None if because is None else because[row]
+            items = ranked_items(best[row], best_scores[row], view.ids, reasons)
+            self._recommend(batch, user, items)
+
+    def _scoring_failed(self, batch: Batch, user: str, error: Exception) -> None:
+        # The session keeps the (valid) event; only this user's output is skipped.
+        batch.failed.add(user)
+        self.metrics.errors.labels("scoring").inc()
+        batch.dead.append((batch.touched[user].msg, Invalid("scoring_failed", str(error)[:200])))
+
+    def _recommend(self, batch: Batch, user: str, items: list[RecommendedItem]) -> None:
+        touched = batch.touched[user]
+        _, partition, offset = source_of(touched.msg)
+        generated = now_ms()
+        event_ts = touched.event.ts if isinstance(touched.event, ClickEvent) else generated
+        value = encode_recommendation(
+            user_id=user,
+            items=items,
+            model_version=self.scorer.model_version,
+            partition=partition,
+            offset=offset,
+            event_ts=event_ts,
+            generated_ts=generated,
+        )
+        batch.outputs.append((user, value))
+        batch.event_ts.append(event_ts)
 
     def _produce(self, batch: Batch) -> None:
         topics = self.settings.topics

@@ -1,22 +1,35 @@
-"""Scoring: the Scorer protocol and OnnxScorer, which reads a model bundle.
+"""Scoring: the Scorer protocol, OnnxScorer (model.onnx of a bundle), the model's inputs for a
+batch of sessions, top-k, and the failure isolation both engines and both inference modes use.
 
 The bundle's `model.onnx` maps a left-padded window of item indices (B, max_len) to scores for
-every item index (B, num_items + 1). Top-k excludes padding and the items already in the window.
+every item index (B, num_items + 1) and, when exported with it, the last hidden state (B, D).
+The processor extends those columns with runtime items (stream.itemtable), then top-k excludes
+padding and every item already in the session.
+
+Which items the model sees: the newest `window_len(count, max_len, stride)` of the session
+(export.bundle's window rule, stride from the bundle's step section; 1 without one, i.e. the
+last max_len items). Full re-encoding and incremental inference use the same window, so they
+return the same lists; the window length comes from the session's event counter, not from the
+stored items (sessions keep only the last max_len of them).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from export.bundle import KNOWN_INPUTS, Bundle
+from export.bundle import KNOWN_INPUTS, Bundle, window_len
 from stream.codec import RecommendedItem
 from stream.errors import ScoringError
+from stream.itemtable import ItemTable, TableView
+from stream.state import Session
 
 logger = logging.getLogger(__name__)
 
@@ -31,24 +44,54 @@ class Scorer(Protocol):
     def score(self, item_seq: IntArray) -> FloatArray: ...
 
 
+def onnx_session(path: object, threads: int) -> ort.InferenceSession:
+    """A CPU onnxruntime session with the processor's threading (one loop, `threads` intra-op)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ScoringError(f"onnxruntime cannot load {path}: {exc}") from exc
+
+
+def load_item_table(bundle: Bundle) -> ItemTable:
+    """The bundle's items, with item_vectors.npy when the bundle carries it."""
+    path = bundle.item_vectors_path
+    vectors = None
+    if path is not None:
+        try:
+            vectors = np.load(path, allow_pickle=False).astype(np.float32, copy=False)
+        except (OSError, ValueError) as exc:
+            raise ScoringError(f"cannot read {path}: {exc}; re-export the bundle") from exc
+    return ItemTable(bundle.item_ids, vectors)
+
+
 class OnnxScorer:
-    """onnxruntime session over a verified bundle."""
+    """onnxruntime session over a verified bundle, and the bundle's scoring table.
+
+    `add_items` / `remove_items` (the runtime item seam, see stream.itemtable) act on
+    `self.items`; the processor picks them up at its next batch.
+    """
 
     def __init__(self, bundle: Bundle, threads: int = 1) -> None:
         self.bundle = bundle
         self.model_version = bundle.model_version
         self.max_len = bundle.max_len
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self._session = ort.InferenceSession(
-                str(bundle.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ScoringError(f"onnxruntime cannot load {bundle.model_path}: {exc}") from exc
+        self._session = onnx_session(bundle.model_path, threads)
         self._check_contract()
+        self.items = load_item_table(bundle)
+
+    def add_items(self, item_ids: Sequence[str], vectors: FloatArray) -> int:
+        if "hidden" not in self._outputs:
+            raise ScoringError("model.onnx has no hidden output; re-export it to add items")
+        return self.items.add_items(item_ids, vectors)
+
+    def remove_items(self, item_ids: Sequence[str]) -> None:
+        self.items.remove_items(item_ids)
 
     def _check_contract(self) -> None:
         """Refuse a model that does not follow the bundle contract when it is loaded, not on
@@ -66,40 +109,54 @@ class OnnxScorer:
             problems.append(f"inputs {extra} are not in the contract {list(KNOWN_INPUTS)}")
         for name in KNOWN_INPUTS:
             if name in inputs:
-                problems += _tensor_problems(inputs[name], "tensor(int64)", self.max_len)
-        problems += _tensor_problems(outputs["scores"], "tensor(float)", self.bundle.num_items + 1)
+                problems += tensor_problems(inputs[name], "tensor(int64)", self.max_len)
+        problems += tensor_problems(outputs["scores"], "tensor(float)", self.bundle.num_items + 1)
+        if "hidden" in outputs:
+            problems += tensor_problems(outputs["hidden"], "tensor(float)", None)
         if problems:
             raise ScoringError(
                 f"{self.bundle.model_path} does not follow the bundle contract: "
                 + "; ".join(problems)
             )
         self._uses_time = "time_seq" in inputs
+        self._outputs = ["scores", "hidden"] if "hidden" in outputs else ["scores"]
 
-    def score(self, item_seq: IntArray, time_seq: IntArray | None = None) -> FloatArray:
-        """(B, max_len) int64 -> (B, num_items + 1) float32."""
+    def score_hidden(
+        self, item_seq: IntArray, time_seq: IntArray | None = None
+    ) -> tuple[FloatArray, FloatArray | None]:
+        """(B, max_len) int64 -> scores (B, num_items + 1), hidden (B, D) or None."""
         feeds = {"item_seq": item_seq}
         if self._uses_time:
             feeds["time_seq"] = time_seq if time_seq is not None else np.zeros_like(item_seq)
         try:
-            (scores,) = self._session.run(["scores"], feeds)
+            out = self._session.run(self._outputs, feeds)
         except Exception as exc:
             raise ScoringError(f"onnxruntime failed on a batch of {len(item_seq)}: {exc}") from exc
-        width = self.bundle.num_items + 1
-        if scores.shape != (len(item_seq), width):  # dims the model left symbolic
-            raise ScoringError(
-                f"model returned scores of shape {scores.shape} for a batch of {len(item_seq)}; "
-                f"the contract says ({len(item_seq)}, {width})"
-            )
-        return np.asarray(scores, dtype=np.float32)
+        check_scores(out[0], len(item_seq), self.bundle.num_items + 1)
+        return out[0], (out[1] if len(out) > 1 else None)
+
+    def score(self, item_seq: IntArray, time_seq: IntArray | None = None) -> FloatArray:
+        """(B, max_len) int64 -> (B, num_items + 1) float32."""
+        return self.score_hidden(item_seq, time_seq)[0]
 
 
-def _tensor_problems(arg: ort.NodeArg, dtype: str, width: int) -> list[str]:
+def check_scores(scores: FloatArray, batch: int, width: int) -> None:
+    """The contract's (batch, num_items + 1) float32, for dims the model left symbolic."""
+    if scores.shape != (batch, width) or scores.dtype != np.float32:
+        raise ScoringError(
+            f"model returned scores {scores.dtype} {scores.shape} for a batch of {batch}; "
+            f"the contract says float32 ({batch}, {width})"
+        )
+
+
+def tensor_problems(arg: ort.NodeArg, dtype: str, width: int | None) -> list[str]:
     """(batch, width) of `dtype`; a symbolic or unknown dim is accepted (checked per batch)."""
     problems = []
     if arg.type != dtype:
         problems.append(f"{arg.name} is {arg.type}, the contract says {dtype}")
     shape = arg.shape
-    if shape is not None and (len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != width)):
+    wrong_width = width is not None and len(shape or ()) == 2 and isinstance(shape[1], int)
+    if shape is not None and (len(shape) != 2 or (wrong_width and shape[1] != width)):
         problems.append(f"{arg.name} has shape {shape}, the contract says [batch, {width}]")
     return problems
 
@@ -124,63 +181,180 @@ def top_k(scores: FloatArray, item_seq: IntArray, k: int) -> tuple[IntArray, Flo
     return best.astype(np.int64), best_scores
 
 
-def left_pad(sequences: list[list[int]], max_len: int) -> IntArray:
+def left_pad(sequences: Sequence[Sequence[int]], max_len: int) -> IntArray:
     """Left-padded (B, max_len) int64 window, most recent item last."""
     out = np.zeros((len(sequences), max_len), dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        tail = seq[-max_len:]
-        if tail:
-            out[row, max_len - len(tail) :] = tail
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))  # (B,)
+    if len(sequences) and lengths.max() > max_len:
+        sequences = [seq[len(seq) - max_len :] if len(seq) > max_len else seq for seq in sequences]
+        lengths = np.minimum(lengths, max_len)
+    flat = np.fromiter(itertools.chain.from_iterable(sequences), np.int64, int(lengths.sum()))
+    # Row-major boolean assignment fills each row's real slots left to right, in order.
+    out[np.arange(max_len) >= (max_len - lengths)[:, None]] = flat  # (B, max_len)
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class ModelInputs:
+    """One batch's model inputs, row r = the r-th session."""
+
+    seen: IntArray  # (B, S) every session item's index, left-padded: what top_k excludes
+    item_seq: IntArray  # (B, L) the model's window, left-padded
+    lengths: IntArray  # (B,) real items in item_seq
+    starts: IntArray  # (B,) session event number of the window's first item (count - window)
+
+
+def session_inputs(
+    sessions: Sequence[Session], view: TableView, max_len: int, stride: int
+) -> ModelInputs:
+    """Seen items and the model's window of each session (the window rule in the docstring).
+
+    Items the model cannot embed (unknown to the bundle after a swap, or runtime items) are
+    left out of the window; runtime items stay in `seen`.
+    """
+    index, n_model = view.index, view.num_model
+    plain = view.width == n_model  # no runtime items: every known index embeds
+    seen_rows: list[list[int]] = []
+    windows: list[list[int]] = []
+    starts = np.empty(len(sessions), dtype=np.int64)
+    for row, s in enumerate(sessions):
+        items = s.items
+        known = [index[i] for i in items if i in index]
+        count = max(s.count, len(items))
+        w = min(window_len(count, max_len, stride), len(items))
+        if plain and len(known) == len(items):
+            window = known[len(known) - w :]
+        else:
+            tail = (index[i] for i in items[len(items) - w :] if i in index)
+            window = [j for j in tail if j < n_model]
+        seen_rows.append(known)
+        windows.append(window)
+        starts[row] = count - w
+    lengths = np.fromiter(map(len, windows), dtype=np.int64, count=len(windows))
+    width = max(max_len, max(map(len, seen_rows), default=0))
+    return ModelInputs(left_pad(seen_rows, width), left_pad(windows, max_len), lengths, starts)
 
 
 def model_inputs(
     sessions: Sequence[Sequence[str]], index: Mapping[str, int], max_len: int
 ) -> tuple[IntArray, IntArray]:
-    """(seen, item_seq): every session item as indices, and the model's window of them.
+    """(seen, item_seq) from item lists alone: the last max_len items (stride 1 windows).
 
-    Items unknown to the bundle (after a swap to a smaller catalogue) are left out. The model
-    sees the last max_len items; `seen` (all of them) is what top_k excludes.
+    The Faust engine's path; the processor uses session_inputs, which applies the bundle's
+    window rule (the two agree for bundles without a step section).
     """
     windows = [[index[i] for i in items if i in index] for items in sessions]
     seen = left_pad(windows, max(max_len, max(map(len, windows), default=0)))
     return seen, np.ascontiguousarray(seen[:, -max_len:])
 
 
-def score_isolating_failures(
-    scorer: Scorer, item_seq: IntArray, width: int
-) -> tuple[FloatArray, dict[int, ScoringError]]:
-    """One model call for the batch; if it fails, bisect to the rows the model rejects.
+def isolate_failures(call: Callable[[int, int], None], rows: int) -> dict[int, ScoringError]:
+    """`call(lo, hi)` scores rows lo:hi and keeps its results itself; if the batch call fails,
+    bisect to the rows the model rejects and return them with their error.
 
-    Rejected rows score -inf and are returned with their error (the caller dead-letters
-    them); bisection costs O(failures · log batch) calls instead of one per row.
+    Bisection costs O(failures · log batch) calls instead of one per row; a call's results
+    must only be kept when it succeeds (the step path's cache update included).
     """
+    if rows == 0:
+        return {}
     try:
-        return scorer.score(item_seq), {}
-    except ScoringError:
+        call(0, rows)
+        return {}
+    except ScoringError as exc:
+        if rows == 1:
+            return {0: exc}
         logger.exception("batch scoring failed; isolating the rows the model rejects")
-    scores = np.full((len(item_seq), width), -np.inf, dtype=np.float32)
     failed: dict[int, ScoringError] = {}
-    pending = [(0, len(item_seq))]
+    pending = [(0, rows // 2), (rows // 2, rows)]
     while pending:
         lo, hi = pending.pop()
         try:
-            scores[lo:hi] = scorer.score(item_seq[lo:hi])
+            call(lo, hi)
         except ScoringError as exc:
             if hi - lo == 1:
                 failed[lo] = exc
             else:
                 mid = (lo + hi) // 2
                 pending += [(lo, mid), (mid, hi)]
-    return scores, failed
+    return failed
+
+
+def score_isolating_failures(
+    scorer: Scorer, item_seq: IntArray, width: int
+) -> tuple[FloatArray, dict[int, ScoringError]]:
+    """One model call for the batch; rows the model rejects score -inf and come back with
+    their error (the caller dead-letters them)."""
+    scores = np.full((len(item_seq), width), -np.inf, dtype=np.float32)
+
+    def call(lo: int, hi: int) -> None:
+        scores[lo:hi] = scorer.score(item_seq[lo:hi])
+
+    return scores, isolate_failures(call, len(item_seq))
+
+
+# The explanation seam: explain(best (B, k), item_seq (B, L), item_vectors (N + 1 + M, D)) ->
+# because (B, k): for each recommended index, the index of the window item that explains it
+# (0 = none). The processor calls it after top-k when set (Processor.explain).
+Explainer = Callable[[IntArray, IntArray, FloatArray], IntArray]
+
+
+@dataclass(frozen=True, eq=False)
+class Scored:
+    """One batch's scores over the item table, and the model's hidden state per row."""
+
+    scores: FloatArray  # (B, N + 1 + M); failed rows are -inf
+    hidden: FloatArray | None  # (B, D); None when model.onnx has no hidden output
+    failed: dict[int, ScoringError]
+
+
+def full_scores(scorer: Scorer, inputs: ModelInputs, view: TableView) -> Scored:
+    """Full re-encode of every window (model.onnx), failures isolated, runtime items added.
+
+    A scorer with `score_hidden` (OnnxScorer, IncrementalScorer) also gives the hidden states;
+    a plain Scorer (a test's wrapper) gives scores only.
+    """
+    item_seq = inputs.item_seq
+    with_hidden: Callable[[IntArray], tuple[FloatArray, FloatArray | None]] | None
+    with_hidden = getattr(scorer, "score_hidden", None)
+    scores = np.full((len(item_seq), view.num_model), -np.inf, dtype=np.float32)
+    hidden: FloatArray | None = None
+
+    def call(lo: int, hi: int) -> None:
+        nonlocal hidden
+        if with_hidden is None:
+            scores[lo:hi] = scorer.score(item_seq[lo:hi])
+            return
+        part, part_hidden = with_hidden(item_seq[lo:hi])
+        scores[lo:hi] = part
+        if part_hidden is not None:
+            if hidden is None:
+                hidden = np.zeros((len(item_seq), part_hidden.shape[1]), dtype=np.float32)
+            hidden[lo:hi] = part_hidden
+
+    failed = isolate_failures(call, len(item_seq))
+    return Scored(view.extend(scores, hidden), hidden, failed)
 
 
 def ranked_items(
-    best: IntArray, best_scores: FloatArray, item_ids: Sequence[str]
+    best: IntArray,
+    best_scores: FloatArray,
+    item_ids: Sequence[str],
+    because: IntArray | None = None,
 ) -> list[RecommendedItem]:
-    """One row of top_k's result as the output schema's items (padding dropped)."""
+    """One row of top_k's result as the output schema's items (padding dropped).
+
+    `because` (k,) is the explanation seam: for each recommended item, the index of the
+    window item that explains it (from the processor's `explain` hook; 0 = none). It is
+    mapped to an item id here; the output schema carries it once the codec emits it.
+    """
+    if because is None:
+        return [
+            RecommendedItem(item_ids[int(i)], float(s), rank)
+            for rank, (i, s) in enumerate(zip(best, best_scores, strict=True), 1)
+            if i > 0
+        ]
     return [
-        RecommendedItem(item_ids[int(i)], float(s), rank)
-        for rank, (i, s) in enumerate(zip(best, best_scores, strict=True), 1)
+        RecommendedItem(item_ids[int(i)], float(s), rank, item_ids[int(b)] if b > 0 else None)
+        for rank, (i, s, b) in enumerate(zip(best, best_scores, because, strict=True), 1)
         if i > 0
     ]

@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from stream.scoring import left_pad, top_k
+from export.bundle import window_len
+from stream.errors import ScoringError
+from stream.itemtable import ItemTable
+from stream.scoring import isolate_failures, left_pad, session_inputs, top_k
+from stream.state import Session
 
 
 def test_left_pad_keeps_the_most_recent_items_last() -> None:
@@ -38,3 +42,76 @@ def test_top_k_matches_a_full_sort_on_random_rows() -> None:
         masked[seen[row]] = -np.inf
         masked[0] = -np.inf
         assert best[row].tolist() == np.argsort(-masked, kind="stable")[:10].tolist()
+
+
+def session_of(items: list[str], max_len: int) -> Session:
+    s = Session()
+    for k, item in enumerate(items):
+        s.append(item, ts=k, partition=0, offset=k, max_len=max_len)
+    return s
+
+
+def table(n: int, dim: int = 3) -> ItemTable:
+    vectors = np.random.default_rng(0).standard_normal((n + 1, dim)).astype(np.float32)
+    return ItemTable(["", *(f"i{k}" for k in range(1, n + 1))], vectors)
+
+
+def test_session_inputs_follow_the_window_rule_from_the_event_counter() -> None:
+    L, stride = 4, 2
+    view = table(20).view
+    history = [f"i{k}" for k in range(1, 12)]
+    for clicks in range(1, len(history) + 1):
+        s = session_of(history[:clicks], L)  # the session keeps only the last L items
+        inputs = session_inputs([s], view, L, stride)
+        w = window_len(clicks, L, stride)
+        expected = [int(i[1:]) for i in history[clicks - w : clicks]]
+        assert inputs.item_seq[0].tolist() == [0] * (L - w) + expected, clicks
+        assert (inputs.lengths[0], inputs.starts[0]) == (w, clicks - w)
+        assert sorted(inputs.seen[0][inputs.seen[0] > 0]) == sorted(int(i[1:]) for i in s.items), (
+            "every session item is excluded from the top-k"
+        )
+    # Stride 1 is the last max_len items, as without a step model.
+    s = session_of(history, L)
+    assert session_inputs([s], view, L, 1).item_seq[0].tolist() == [8, 9, 10, 11]
+
+
+def test_runtime_and_unknown_items_stay_out_of_the_window_but_runtime_ones_are_seen() -> None:
+    items = table(5)
+    items.add_items(["new"], np.ones((1, 3), np.float32))
+    view = items.view
+    s = session_of(["i1", "gone", "new", "i2"], 10)
+    inputs = session_inputs([s], view, 4, 2)
+    assert inputs.item_seq[0].tolist() == [0, 0, 1, 2]
+    assert set(inputs.seen[0].tolist()) == {0, 1, 2, view.index["new"]}
+
+
+def test_runtime_items_are_scored_out_of_the_graph_and_removed_ones_never_come_back() -> None:
+    items = table(4)
+    skipped = items.add_items(["i2", "x", "y"], np.array([[0, 0, 0], [1, 0, 0], [0, 2, 0]], "f"))
+    assert skipped == 1, "an id of the bundle's catalogue is not a runtime item"
+    view = items.view
+    assert view.ids[5:] == ("x", "y") and view.index["y"] == 6 and view.width == 7
+    hidden = np.array([[1.0, 1.0, 0.0]], np.float32)
+    scores = view.extend(np.zeros((1, 5), np.float32), hidden)
+    assert scores[0, 5:].tolist() == [1.0, 2.0]
+    assert view.vectors.shape == (7, 3)
+    items.add_items(["x"], np.array([[5, 0, 0]], "f"))  # a repeated id keeps its index
+    items.remove_items(["y", "i1"])
+    new = items.view
+    assert new.index["x"] == 5 and new.width == 7
+    scores = new.extend(np.zeros((1, 5), np.float32), hidden)
+    assert scores[0, 5] == 5.0 and scores[0, 6] == -np.inf and scores[0, 1] == -np.inf
+    assert view.width == 7 and view.hidden_mask is None, "an old view never changes"
+
+
+def test_isolate_failures_bisects_to_the_rejected_rows() -> None:
+    calls = []
+
+    def call(lo: int, hi: int) -> None:
+        calls.append((lo, hi))
+        if lo <= 5 < hi:
+            raise ScoringError("row 5")
+
+    failed = isolate_failures(call, 16)
+    assert list(failed) == [5] and len(calls) < 16
+    assert isolate_failures(call, 0) == {}

@@ -1,0 +1,285 @@
+"""Incremental inference (issue 8): one step.onnx position per click instead of a re-encode.
+
+For one poll batch, `IncrementalScorer.score_sessions` splits the touched users in two:
+- step rows: the user's cached K/V is exactly their window minus the newest click
+  (KVCache.steppable). Their pasts are gathered into one (b, n_blocks, 2, P, D) float16 array
+  right-padded to the batch's longest, step.onnx runs once, and each row's new keys/values are
+  scattered to its next position: two numpy fancy-index operations, no per-user array work.
+- prefill rows: everyone else (no entry, evicted and not in RocksDB, a model swap, several
+  clicks in one batch, a slid window, a click on a runtime item). prefill.onnx runs once over
+  their windows and its K/V output becomes their new entries.
+Both calls isolate poison rows by bisection (scoring.isolate_failures); a failed row scores
+-inf, is dead-lettered by the processor and loses its entry.
+
+The window is the one full re-encoding scores (scoring.session_inputs: the newest
+`window_len(count, max_len, stride)` items, from the session's event counter), so with a full
+window a click slides it by `stride` and the prefill rebuilds it; outputs equal model.onnx's
+on the same window within the bundle's stated tolerance (fp16 cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from export.bundle import Bundle
+from stream.config import ProcessorSettings
+from stream.errors import ScoringError, StreamError
+from stream.itemtable import TableView
+from stream.kvcache import HalfArray, KVBacking, KVCache
+from stream.scoring import (
+    FloatArray,
+    IntArray,
+    ModelInputs,
+    OnnxScorer,
+    Scored,
+    Scorer,
+    check_scores,
+    full_scores,
+    isolate_failures,
+    onnx_session,
+)
+from stream.state import RocksSessionStore, Session
+
+logger = logging.getLogger(__name__)
+
+Array = npt.NDArray[Any]
+
+_PREFILL_IO = ({"item_seq"}, ["scores", "hidden", "kv"])
+_STEP_IO = ({"item", "position", "past_kv"}, ["scores", "hidden", "new_kv"])
+
+
+class IncrementalScorer:
+    """model.onnx for full re-encodes (the Scorer protocol), prefill.onnx and step.onnx with a
+    per-user K/V cache for `score_sessions`. `timings` (seconds) and `rows` count the work by
+    stage for benchmarks and logs."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        threads: int = 1,
+        *,
+        cache_bytes: int = 256 << 20,
+        backing: KVBacking | None = None,
+    ) -> None:
+        spec, prefill, step = bundle.step, bundle.prefill_path, bundle.step_path
+        if spec is None or prefill is None or step is None:
+            raise ScoringError(
+                f"{bundle.path} has no step model; use inference=full or re-export the model "
+                "with positions=first"
+            )
+        self.full = OnnxScorer(bundle, threads)
+        self.bundle, self.items = bundle, self.full.items
+        self.model_version, self.max_len = bundle.model_version, bundle.max_len
+        self.stride = spec.stride
+        self._prefill = onnx_session(prefill, threads)
+        self._step = onnx_session(step, threads)
+        _check_io(self._prefill, prefill.name, _PREFILL_IO)
+        _check_io(self._step, step.name, _STEP_IO)
+        self.kv_shape = (spec.n_blocks, 2, spec.d_model)
+        # Last: it drops RocksDB's entries of another model, so only once the model loaded.
+        self.cache = KVCache(
+            n_blocks=spec.n_blocks, d_model=spec.d_model, max_len=bundle.max_len,
+            model_version=bundle.model_version, budget_bytes=cache_bytes, backing=backing,
+        )  # fmt: skip
+        self.timings: defaultdict[str, float] = defaultdict(float)
+        self.rows: Counter[str] = Counter()
+
+    # -- the Scorer protocol and the item table seam ------------------------------------------
+    def score(self, item_seq: IntArray) -> FloatArray:
+        return self.full.score(item_seq)
+
+    def score_hidden(self, item_seq: IntArray) -> tuple[FloatArray, FloatArray | None]:
+        return self.full.score_hidden(item_seq)
+
+    def add_items(self, item_ids: Sequence[str], vectors: FloatArray) -> int:
+        return self.full.add_items(item_ids, vectors)
+
+    def remove_items(self, item_ids: Sequence[str]) -> None:
+        self.full.remove_items(item_ids)
+
+    # -- the two ONNX calls (tests wrap these to simulate model defects) ----------------------
+    def run_prefill(self, item_seq: IntArray) -> tuple[FloatArray, FloatArray, HalfArray]:
+        """(b, L) -> scores (b, N + 1), hidden (b, D), kv (b, nb, 2, L, D)."""
+        scores, hidden, kv = _run(self._prefill, _PREFILL_IO[1], {"item_seq": item_seq})
+        self._check(scores, kv, (len(item_seq), *self.kv_shape[:2], self.max_len, self.kv_shape[2]))
+        return scores, hidden, kv
+
+    def run_step(
+        self, item: IntArray, position: IntArray, past_kv: HalfArray
+    ) -> tuple[FloatArray, FloatArray, HalfArray]:
+        """item (b,), position (b,), past_kv (b, nb, 2, P, D) -> scores, hidden, new_kv
+        (b, nb, 2, D)."""
+        feeds: dict[str, Array] = {"item": item, "position": position, "past_kv": past_kv}
+        scores, hidden, new_kv = _run(self._step, _STEP_IO[1], feeds)
+        self._check(scores, new_kv, (len(item), *self.kv_shape))
+        return scores, hidden, new_kv
+
+    def _check(self, scores: FloatArray, kv: HalfArray, shape: tuple[int, ...]) -> None:
+        check_scores(scores, shape[0], self.bundle.num_items + 1)
+        if kv.shape != shape or kv.dtype != np.float16:
+            raise ScoringError(
+                f"model returned K/V {kv.dtype} {kv.shape}; expected float16 {shape}"
+            )
+
+    # -- one batch ------------------------------------------------------------------------------
+    def score_sessions(
+        self,
+        users: Sequence[str],
+        sessions: Sequence[Session],
+        inputs: ModelInputs,
+        view: TableView,
+    ) -> Scored:
+        """Scores of every row (B, N + 1 + M) and hidden (B, D); failed rows -inf / zero."""
+        t0 = time.perf_counter()
+        B = len(users)
+        slots = self.cache.lookup(users)  # (B,)
+        last = np.fromiter((s.offsets[-1] if s.offsets else -1 for s in sessions), np.int64, B)
+        prev = np.fromiter(
+            (s.offsets[-2] if len(s.offsets) > 1 else -1 for s in sessions), np.int64, B
+        )
+        parts = np.fromiter((s.partition for s in sessions), np.int64, B)
+        stepping = self.cache.steppable(slots, inputs.starts, inputs.lengths, prev, parts)
+        scores = np.full((B, view.num_model), -np.inf, dtype=np.float32)
+        hidden = np.zeros((B, self.kv_shape[2]), dtype=np.float32)
+        self.timings["lookup"] += time.perf_counter() - t0
+        out = _Outputs(scores, hidden, last, parts)
+        failed = self._steps(np.flatnonzero(stepping), slots, inputs, out)
+        failed |= self._prefills(np.flatnonzero(~stepping), users, inputs, out)
+        if failed:
+            self.cache.drop([users[r] for r in failed])
+        self.cache.write_back()
+        return Scored(view.extend(scores, hidden), hidden, failed)
+
+    def _steps(
+        self, rows: IntArray, slots: IntArray, inputs: ModelInputs, out: _Outputs
+    ) -> dict[int, ScoringError]:
+        if not len(rows):
+            return {}
+        t0 = time.perf_counter()
+        slots = slots[rows]  # (b,)
+        positions = self.cache.length[slots]  # (b,) = cached length
+        past = self.cache.gather(slots)  # (b, nb, 2, P, D)
+        items = inputs.item_seq[rows, -1]  # (b,) the newest click
+        self.timings["gather"] += time.perf_counter() - t0
+
+        def call(lo: int, hi: int) -> None:
+            t1 = time.perf_counter()
+            scores, hidden, new_kv = self.run_step(items[lo:hi], positions[lo:hi], past[lo:hi])
+            t2 = time.perf_counter()
+            out.keep(rows[lo:hi], scores, hidden)
+            self.cache.append(slots[lo:hi], new_kv, out.last[rows[lo:hi]])
+            self.timings["step"] += t2 - t1
+            self.timings["scatter"] += time.perf_counter() - t2
+
+        self.rows["step"] += len(rows)
+        return _in_batch(rows, isolate_failures(call, len(rows)))
+
+    def _prefills(
+        self, rows: IntArray, users: Sequence[str], inputs: ModelInputs, out: _Outputs
+    ) -> dict[int, ScoringError]:
+        if not len(rows):
+            return {}
+        item_seq = inputs.item_seq[rows]  # (b, L)
+
+        def call(lo: int, hi: int) -> None:
+            t1 = time.perf_counter()
+            scores, hidden, kv = self.run_prefill(item_seq[lo:hi])
+            t2 = time.perf_counter()
+            r = rows[lo:hi]
+            out.keep(r, scores, hidden)
+            self.cache.put(
+                [users[i] for i in r], kv, inputs.lengths[r], inputs.starts[r], out.last[r],
+                out.parts[r],
+            )  # fmt: skip
+            self.timings["prefill"] += t2 - t1
+            self.timings["put"] += time.perf_counter() - t2
+
+        self.rows["prefill"] += len(rows)
+        return _in_batch(rows, isolate_failures(call, len(rows)))
+
+
+class _Outputs:
+    """The batch's result arrays, filled by row as calls succeed."""
+
+    __slots__ = ("hidden", "last", "parts", "scores")
+
+    def __init__(
+        self, scores: FloatArray, hidden: FloatArray, last: IntArray, parts: IntArray
+    ) -> None:
+        self.scores, self.hidden, self.last, self.parts = scores, hidden, last, parts
+
+    def keep(self, rows: IntArray, scores: FloatArray, hidden: FloatArray) -> None:
+        self.scores[rows] = scores
+        self.hidden[rows] = hidden
+
+
+def _in_batch(rows: IntArray, failed: dict[int, ScoringError]) -> dict[int, ScoringError]:
+    return {int(rows[k]): exc for k, exc in failed.items()}
+
+
+def _run(session: ort.InferenceSession, names: list[str], feeds: dict[str, Array]) -> list[Array]:
+    try:
+        out: list[Any] = session.run(names, feeds)
+        return out
+    except Exception as exc:  # onnxruntime's own error types
+        raise ScoringError(f"onnxruntime failed on a batch: {exc}") from exc
+
+
+def _check_io(session: ort.InferenceSession, name: str, io: tuple[set[str], list[str]]) -> None:
+    inputs = {i.name for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    if inputs != io[0] or not set(io[1]) <= outputs:
+        raise ScoringError(
+            f"{name} has inputs {sorted(inputs)} and outputs {sorted(outputs)}; the bundle "
+            f"contract needs inputs {sorted(io[0])} and outputs {io[1]}"
+        )
+
+
+def make_scorer(
+    bundle: Bundle, settings: ProcessorSettings, store: object = None
+) -> OnnxScorer | IncrementalScorer:
+    """The scorer `settings.inference` asks for (auto: incremental when the bundle can); the
+    K/V cache persists in `store` when it is a RocksSessionStore."""
+    mode = settings.inference
+    if mode == "full" or (mode == "auto" and bundle.step is None):
+        return OnnxScorer(bundle, settings.onnx_threads)
+    backing = store if isinstance(store, RocksSessionStore) else None
+    return IncrementalScorer(
+        bundle, settings.onnx_threads, cache_bytes=int(settings.kv_cache_mb * (1 << 20)),
+        backing=backing,
+    )  # fmt: skip
+
+
+def score_batch(
+    scorer: Scorer, users: list[str], sessions: list[Session], inputs: ModelInputs, view: TableView
+) -> Scored:
+    """Incremental (step/prefill with the K/V cache) when the scorer has a step model, else a
+    full re-encode; both isolate the rows the model rejects."""
+    if isinstance(scorer, IncrementalScorer):
+        return scorer.score_sessions(users, sessions, inputs, view)
+    return full_scores(scorer, inputs, view)
+
+
+def kv_cache_of(scorer: Scorer) -> KVCache | None:
+    return scorer.cache if isinstance(scorer, IncrementalScorer) else None
+
+
+def release_kv(scorer: Scorer, partitions: set[int] | None) -> None:
+    """Write changed K/V entries back to RocksDB: of these partitions (revoked or lost; their
+    memory is freed), or all of them (None: on close)."""
+    cache = kv_cache_of(scorer)
+    if cache is None:
+        return
+    try:
+        cache.flush() if partitions is None else cache.release(partitions)
+    except StreamError:
+        # Derived data: prefill rebuilds it on the users' next clicks.
+        logger.exception("could not write the K/V cache back to the session store")

@@ -1,0 +1,150 @@
+"""The scoring table: the bundle's items (scored inside the ONNX graph) plus items added at run
+time (scored outside it as hidden @ vectors.T) — the out-of-graph seam of issue 8.
+
+Column i of a score row is item index i: 0 is padding, 1..N the bundle's items (model.onnx's
+own columns), N+1..N+M the runtime items in the order they were added. Runtime items are
+recommendable only: the model cannot embed them, so they never enter its window (they are
+kept in `seen`, so a user is not recommended what they clicked).
+
+Who calls what:
+    the catalogue follower (items topic)   add_items(ids, vectors), remove_items(ids)
+    the processor, once per batch          view = table.view; view.index, view.ids,
+                                           view.extend(scores, hidden), view.vectors
+Updates are copy-on-write: each one builds a new `TableView` and swaps it in with one
+assignment, so a follower thread may update the table while the processor scores a batch
+with the view it took at the start of that batch (indices never change under it).
+A model swap starts with a fresh table (runtime vectors live in the old model's space).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from stream.errors import ScoringError
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, eq=False)
+class TableView:
+    """One immutable state of the table; use one view for a whole batch."""
+
+    ids: tuple[str, ...]  # index -> item id ("" at 0, padding)
+    index: dict[str, int]  # item id -> index (never mutated after construction)
+    num_model: int  # N + 1: columns model.onnx scores itself
+    bundle_vectors: FloatArray | None  # (N + 1, D) item_vectors.npy, when the bundle has it
+    runtime: FloatArray  # (M, D) vectors of the runtime items, index N + 1 + j
+    hidden_mask: BoolArray | None  # (N + 1 + M,) True = never recommend (removed items)
+
+    @property
+    def width(self) -> int:
+        """Columns of a score row: N + 1 + M."""
+        return len(self.ids)
+
+    @property
+    def vectors(self) -> FloatArray:
+        """(N + 1 + M, D): every item's vector, as `explain` hooks receive them."""
+        if self.bundle_vectors is None:
+            raise ScoringError("the bundle has no item_vectors.npy; re-export the model")
+        if not len(self.runtime):
+            return self.bundle_vectors
+        return np.concatenate([self.bundle_vectors, self.runtime])
+
+    def extend(self, scores: FloatArray, hidden: FloatArray | None) -> FloatArray:
+        """Model scores (B, N + 1) -> table scores (B, width); runtime items as hidden @ V.T.
+
+        Returns `scores` itself (no copy) when nothing was added or removed.
+        """
+        if len(self.runtime):
+            if hidden is None:
+                raise ScoringError("model.onnx has no hidden output; re-export the model")
+            extra = hidden @ self.runtime.T  # (B, D) @ (D, M) -> (B, M)
+            scores = np.concatenate([scores, extra.astype(np.float32, copy=False)], axis=1)
+        if self.hidden_mask is not None:
+            scores[:, self.hidden_mask] = -np.inf
+        return scores
+
+
+class ItemTable:
+    """The bundle's items plus runtime ones; `view` is the current immutable state."""
+
+    def __init__(self, item_ids: Sequence[str], bundle_vectors: FloatArray | None) -> None:
+        ids = tuple(item_ids)
+        if bundle_vectors is not None and bundle_vectors.shape[0] != len(ids):
+            raise ScoringError(
+                f"item_vectors.npy has {bundle_vectors.shape[0]} rows for {len(ids)} item "
+                "indices (padding included); re-export the bundle"
+            )
+        dim = 0 if bundle_vectors is None else bundle_vectors.shape[1]
+        self._bundle_index = {item_id: i for i, item_id in enumerate(ids) if i > 0}
+        self._removed: frozenset[str] = frozenset()
+        self.view = TableView(
+            ids, dict(self._bundle_index), len(ids), bundle_vectors,
+            np.zeros((0, dim), np.float32), None,
+        )  # fmt: skip
+
+    @property
+    def dim(self) -> int | None:
+        v = self.view.bundle_vectors
+        return None if v is None else int(v.shape[1])
+
+    def add_items(self, item_ids: Sequence[str], vectors: FloatArray) -> int:
+        """Add or replace runtime items; `vectors` (M, D) float32 in the model's item space.
+
+        An id of the bundle's own catalogue is skipped (its vector is inside the graph); a
+        repeated runtime id replaces its vector and keeps its index; an id removed earlier
+        comes back. Returns how many ids were skipped.
+        """
+        dim = self.dim
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if dim is None:
+            raise ScoringError("the bundle has no item_vectors.npy; runtime items need one")
+        if vectors.shape != (len(item_ids), dim):
+            raise ScoringError(f"vectors {vectors.shape} do not match {len(item_ids)} ids × {dim}")
+        old = self.view
+        runtime = list(old.runtime)
+        ids, index = list(old.ids), dict(old.index)
+        skipped = 0
+        for item_id, vector in zip(item_ids, vectors, strict=True):
+            if item_id in self._bundle_index:
+                skipped += 1
+                continue
+            at = index.get(item_id)
+            if at is None:
+                index[item_id] = len(ids)
+                ids.append(item_id)
+                runtime.append(vector)
+            else:
+                runtime[at - old.num_model] = vector
+        self._removed -= set(item_ids)
+        stacked = np.asarray(runtime, dtype=np.float32).reshape(len(runtime), dim)  # (M, D)
+        self._publish(tuple(ids), index, stacked)
+        if skipped:
+            logger.debug("add_items: %d ids of the bundle's catalogue skipped", skipped)
+        return skipped
+
+    def remove_items(self, item_ids: Iterable[str]) -> None:
+        """Never recommend these items again (catalogue tombstones).
+
+        Runtime and bundle items alike are masked (a bundle item stays a valid model input, so
+        sessions holding it keep their meaning); `add_items` brings a runtime one back.
+        """
+        self._removed |= {i for i in item_ids if i in self.view.index}
+        old = self.view
+        self._publish(old.ids, old.index, old.runtime)
+
+    def _publish(self, ids: tuple[str, ...], index: dict[str, int], runtime: FloatArray) -> None:
+        old = self.view
+        mask = None
+        if self._removed:
+            mask = np.zeros(len(ids), dtype=np.bool_)
+            mask[[index[i] for i in self._removed]] = True
+        self.view = TableView(ids, index, old.num_model, old.bundle_vectors, runtime, mask)

@@ -1,0 +1,252 @@
+"""Incremental inference end to end: real broker, real RocksDB, the real exported step pair.
+
+The same clicks go through a processor with inference=full and one with inference=incremental,
+round by round, so both emit one list per click; the lists must be the same (ids, and scores
+within the export's stated tolerance), through window slides past max_len, several clicks of a
+user in one batch, a cache too small for every user (evictions to RocksDB and back) and a
+restart of the incremental processor (entries written back on close, read on the next click).
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from confluent_kafka import Message
+
+from export.bundle import load_bundle
+from export.step_export import STEP_RTOL
+from stream.config import KafkaSettings, ProcessorSettings, TopicSettings
+from stream.errors import ScoringError
+from stream.incremental import IncrementalScorer
+from stream.kafka.admin import create_topics
+from stream.scoring import OnnxScorer, full_scores, session_inputs
+from stream.state import RocksSessionStore, Session
+from tests.integration.conftest import RunningProcessor
+from tests.integration.kafka_utils import TopicReader
+from tests.integration.test_pipeline import Clicks, caught_up, make_clicks, send
+
+Record = dict[str, object]
+
+
+def by_click(messages: list[Message]) -> dict[tuple[str, int, int], Record]:
+    """Every output keyed by (user, partition, offset) of the click it answers."""
+    out = {}
+    for msg in messages:
+        record = orjson.loads(msg.value() or b"{}")
+        out[(record["user_id"], record["partition"], record["offset"])] = record
+    return out
+
+
+def assert_same_lists(inc: Record, full: Record) -> int:
+    """Scores rank by rank within the tolerance; returns how many ranks hold other ids (a
+    near-tie that the fp16 cache ordered the other way)."""
+    a, b = inc["items"], full["items"]
+    assert isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
+    tol = STEP_RTOL * (1 + max(abs(e["score"]) for e in b))
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["score"] - y["score"]) <= tol, (inc, full)
+    return sum(x["item_id"] != y["item_id"] for x, y in zip(a, b, strict=True))
+
+
+def varied_clicks(bundle_dir: Path) -> Clicks:
+    """12 users: 4 past two slides (35 clicks, max_len 20, stride 10), 4 past one, 4 short."""
+    clicks = make_clicks(bundle_dir, users=12, per_user=35, seed=21)
+    for k, user in enumerate(sorted(clicks)):
+        clicks[user] = clicks[user][: (35, 25, 12)[k % 3]]
+    return clicks
+
+
+@pytest.fixture
+def pair(
+    settings: ProcessorSettings, kafka: KafkaSettings, tmp_path: Path
+) -> tuple[ProcessorSettings, ProcessorSettings]:
+    """(incremental, full) on the same clicks topic, each with its own recs topic and state.
+    The incremental cache holds 8 of the 12 users (d=32, 2 blocks, L=20: ~5 KB each)."""
+    suffix = uuid.uuid4().hex[:8]
+    topics = TopicSettings(
+        clicks=settings.topics.clicks, recs=f"recs-full-{suffix}", dlq=f"dlq-full-{suffix}",
+        partitions=settings.topics.partitions,
+    )  # fmt: skip
+    create_topics(kafka, topics)
+    inc = settings.model_copy(update={"inference": "incremental", "kv_cache_mb": 0.04})
+    full = settings.model_copy(
+        update={
+            "inference": "full", "topics": topics, "group": f"{settings.group}-full",
+            "state_dir": tmp_path / "full",
+        }
+    )  # fmt: skip
+    return inc, full
+
+
+def test_incremental_lists_equal_the_full_models_through_slides_and_a_restart(
+    pair: tuple[ProcessorSettings, ProcessorSettings], bundle_dir: Path
+) -> None:
+    inc, full = pair
+    bundle = load_bundle(bundle_dir)
+    assert bundle.step is not None and (bundle.max_len, bundle.step.stride) == (20, 10)
+    clicks = varied_clicks(bundle_dir)
+    users = sorted(clicks)
+    # Two halves of 6 take turns, so a batch fits the cache of 8 and the other half's users
+    # are evicted to RocksDB and read back on their next click.
+    halves = [{u: clicks[u] for u in users[h::2]} for h in (0, 1)]
+    kafka, topic = inc.kafka, inc.topics.clicks
+    with (
+        TopicReader(kafka, inc.topics.recs) as inc_recs,
+        TopicReader(kafka, full.topics.recs) as full_recs,
+        RunningProcessor(full),
+    ):
+
+        def rounds(start: int, stop: int, per_round: int = 1) -> None:
+            for k in range(start, stop, per_round):
+                upto = min(k + per_round, stop)
+                for half in halves:
+                    send(kafka, topic, half, k, upto)
+                    inc_recs.read_until(caught_up(half, upto))
+                    full_recs.read_until(caught_up(half, upto))
+
+        with RunningProcessor(inc) as first:
+            rounds(0, 22)
+            before = first.scorer
+            assert isinstance(before, IncrementalScorer)
+            assert before.cache.stats["evicted"] > 0 and before.cache.stats["loaded"] > 0
+        with RunningProcessor(inc) as second:
+            rounds(22, 28, per_round=3)  # several clicks of each user in one batch
+            rounds(28, 35)
+            after = second.scorer
+            assert isinstance(after, IncrementalScorer)
+            assert after.cache.stats["loaded"] > 0, "entries written on close come back"
+        inc_out, full_out = by_click(inc_recs.messages), by_click(full_recs.messages)
+
+    single = sum(1 for ev in clicks.values() for k in range(len(ev)) if not 22 <= k < 28)
+    common = set(inc_out) & set(full_out)
+    assert len(common) >= single, "both answer every click of the one-click rounds"
+    swapped = sum(assert_same_lists(inc_out[key], full_out[key]) for key in common)
+    assert swapped <= len(common) // 100, f"{swapped} ranks differ in {len(common)} lists"
+    steps = before.rows["step"] + after.rows["step"]
+    prefills = before.rows["prefill"] + after.rows["prefill"]
+    # Prefills: every user's first click, 4 + 8 slides, the bursts (once or twice per user,
+    # as the poll batches split them); everything else, after a restart too, is a step.
+    assert prefills >= 12 + 12 and steps > 4 * prefills, (steps, prefills)
+
+
+def sessions_of(
+    histories: dict[str, list[int]], max_len: int, ids: tuple[str, ...]
+) -> list[Session]:
+    out = []
+    for u, history in enumerate(histories.values()):
+        s = Session()
+        for k, index in enumerate(history):
+            s.append(ids[index], ts=k, partition=0, offset=1000 * u + k, max_len=max_len)
+        out.append(s)
+    return out
+
+
+class PoisonScorer(IncrementalScorer):
+    """The real incremental scorer; a call whose items include `poison` fails like a defect."""
+
+    poison = -1
+
+    def run_step(self, item, position, past_kv):  # type: ignore[no-untyped-def]
+        if (item == self.poison).any():
+            raise ScoringError(f"cannot step item {self.poison} (simulated)")
+        return super().run_step(item, position, past_kv)
+
+    def run_prefill(self, item_seq):  # type: ignore[no-untyped-def]
+        if (item_seq == self.poison).any():
+            raise ScoringError(f"cannot prefill item {self.poison} (simulated)")
+        return super().run_prefill(item_seq)
+
+
+def test_a_poison_row_fails_alone_on_the_step_and_on_the_prefill_path(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    bundle = load_bundle(bundle_dir)
+    store = RocksSessionStore(tmp_path / "s")
+    try:
+        scorer, full = PoisonScorer(bundle, backing=store), OnnxScorer(bundle)
+        view = scorer.items.view
+        rng = np.random.default_rng(3)
+
+        def clicks(n: int) -> list[int]:
+            return [int(i) for i in rng.integers(8, bundle.num_items + 1, n)]
+
+        histories = {f"u{k}": clicks(4) for k in range(9)}
+        users = list(histories)
+
+        def score() -> dict[int, ScoringError]:
+            sessions = sessions_of(histories, bundle.max_len, bundle.item_ids)
+            inputs = session_inputs(sessions, view, bundle.max_len, scorer.stride)
+            got = scorer.score_sessions(users, sessions, inputs, view)
+            expected = full_scores(full, inputs, view).scores
+            ok = [r for r in range(len(users)) if r not in got.failed]
+            tol = STEP_RTOL * (1 + np.abs(expected[ok]).max())
+            np.testing.assert_allclose(got.scores[ok], expected[ok], rtol=0, atol=tol)
+            assert np.isneginf(got.scores[list(got.failed)]).all()
+            return got.failed
+
+        assert score() == {}  # every user's cache is built by prefill
+        for history in histories.values():
+            history += clicks(1)
+        scorer.poison = histories["u4"][-1] = 7  # one click each: the step batch fails
+        assert list(score()) == [4] and scorer.rows["step"] == 9
+        assert "u4" not in scorer.cache, "a failed row keeps no entry"
+        for history in histories.values():
+            history += clicks(2)
+        scorer.poison = histories["u2"][-2] = 6  # two clicks each: the prefill batch fails
+        assert list(score()) == [2] and scorer.rows["prefill"] == 9 + 9
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("inference", ["full", "incremental"])
+def test_a_runtime_item_is_scored_out_of_the_graph_and_can_be_clicked(
+    settings: ProcessorSettings, bundle_dir: Path, inference: str
+) -> None:
+    bundle = load_bundle(bundle_dir)
+    clicks = make_clicks(bundle_dir, users=2, per_user=5, seed=31)
+    alice, bob = sorted(clicks)
+    clicks[bob][-1] = ("runtime-1", clicks[bob][-1][1])  # bob clicks the new item
+    # Alice's final window through the full model: a vector along her hidden state, long
+    # enough to beat every bundle item, must rank first for her.
+    model = OnnxScorer(bundle)
+    history = {alice: [bundle.item_ids.index(i) for i, _ in clicks[alice]]}
+    (session,) = sessions_of(history, bundle.max_len, bundle.item_ids)
+    assert bundle.step is not None
+    inputs = session_inputs([session], model.items.view, bundle.max_len, bundle.step.stride)
+    scores, hidden = model.score_hidden(inputs.item_seq)
+    assert hidden is not None
+    target = float(scores.max()) + 10.0
+    vector = hidden * target / float((hidden * hidden).sum())  # hidden @ vector.T = target
+    calls: list[tuple[tuple[int, ...], ...]] = []
+
+    def explain(best: np.ndarray, item_seq: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        calls.append((best.shape, item_seq.shape, vectors.shape))
+        return item_seq[:, -best.shape[1] :]
+
+    send(settings.kafka, settings.topics.clicks, clicks, 0, 5)
+    runner = RunningProcessor(settings.model_copy(update={"inference": inference}))
+    scorer = runner.processor.scorer
+    assert isinstance(scorer, IncrementalScorer if inference == "incremental" else OnnxScorer)
+    assert scorer.add_items(["runtime-1"], vector) == 0
+    runner.processor.explain = explain
+    with runner, TopicReader(settings.kafka, settings.topics.recs) as recs:
+        latest = by_user_latest(recs.read_until(caught_up(clicks, 5)))
+    first = latest[alice]["items"][0]  # type: ignore[index]
+    assert first["item_id"] == "runtime-1"
+    assert first["score"] == pytest.approx(target, rel=1e-2)
+    assert "runtime-1" not in {e["item_id"] for e in latest[bob]["items"]}  # type: ignore[attr-defined]
+    assert runner.processor.stats.dead_letters == {}, "a click on a runtime item is valid"
+    shapes = ((bundle.max_len,), (bundle.num_items + 2, hidden.shape[1]))
+    assert calls and all((c[1][1:], c[2]) == shapes and c[0][0] == c[1][0] for c in calls)
+
+
+def by_user_latest(messages: list[Message]) -> dict[str, Record]:
+    out: dict[str, Record] = {}
+    for msg in messages:
+        record = orjson.loads(msg.value() or b"{}")
+        out[record["user_id"]] = record
+    return out
