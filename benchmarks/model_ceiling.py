@@ -13,6 +13,7 @@ masked) after step.onnx, against the same masking (ScatterElements) and TopK ins
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -171,6 +172,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/model_ceiling.json"))
     args = parser.parse_args()
     seconds = 0.2 if args.short else args.seconds
+    load_before = os.getloadavg()[0]  # other work on the box skews every number, 2 threads most
     with tempfile.TemporaryDirectory(prefix="streamrec-ceiling-") as tmp:
         models = export_models(Path(tmp), args.bundle)
         sizes = {k: v for k, v in models.items() if k not in ("model", "step")}
@@ -181,6 +183,7 @@ def main() -> None:
             **run_metadata(),
             "model": {**sizes, "past": args.past, "cache_dtype": "float16", "top_k": TOP_K},
             "seconds_per_point": seconds,
+            "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]},
             **results,
         },
     )

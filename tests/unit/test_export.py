@@ -13,32 +13,15 @@ import torch
 from export.bundle import load_bundle
 from export.cli import add_commands as add_export_commands
 from export.errors import BundleIntegrityError, ParityError
-from export.onnx_export import check_parity, export_bundle, export_onnx, parity_windows
+from export.onnx_export import check_parity, export_onnx, parity_windows
 from model.cli import add_commands as add_model_commands
-from model.config import SASRecConfig, TrainConfig
-from model.data import SequenceDataset, load_dataset
+from model.config import SASRecConfig
 from model.evaluate import evaluate_model, evaluate_scores_fn, onnx_score_fn
 from model.sasrec import SASRec
-from model.train import load_checkpoint, model_from_checkpoint, train
+from model.train import load_checkpoint, model_from_checkpoint
 from tests.unit.test_data import chain_dataset_dir
 
 torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[SequenceDataset, Path, Path]:
-    root = tmp_path_factory.mktemp("export")
-    data = chain_dataset_dir(root / "data", num_items=15, num_users=40)
-    ds = load_dataset(f"synthetic:{data}")
-    ckpt = train(
-        ds,
-        SASRecConfig(num_items=ds.num_items, max_len=10, d_model=16, n_heads=2),
-        TrainConfig(epochs=4, batch_size=8, lr=5e-3, seed=1),
-        root / "run",
-        progress=False,
-    )
-    bundle = export_bundle(ckpt, root / "bundle")
-    return ds, ckpt, bundle
 
 
 def test_bundle_loads_with_the_checkpoint_catalogue_and_provenance(trained):

@@ -37,13 +37,11 @@ from export.step_export import (
     replay,
     torch_fns,
 )
-from model.config import SASRecConfig, TrainConfig
-from model.data import load_dataset
+from model.config import SASRecConfig
 from model.errors import ModelError
 from model.incremental import Prefill, StepModel, supports_step
 from model.sasrec import SASRec
-from model.train import load_checkpoint, model_from_checkpoint, train
-from tests.unit.test_data import chain_dataset_dir
+from model.train import load_checkpoint, model_from_checkpoint
 
 torch.set_num_threads(2)
 NUM_ITEMS = 40
@@ -198,18 +196,10 @@ def test_onnx_step_follows_the_window_rule_over_long_histories(tmp_path: Path) -
 # --- bundles ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("incremental")
-    ds = load_dataset(f"synthetic:{chain_dataset_dir(root / 'data', num_items=15, num_users=30)}")
-    ckpt = train(
-        ds,
-        SASRecConfig(num_items=ds.num_items, max_len=8, d_model=16, n_heads=2),
-        TrainConfig(epochs=3, batch_size=8, lr=5e-3, seed=1),
-        root / "run",
-        progress=False,
-    )
-    return ckpt, export_bundle(ckpt, root / "bundle")
+@pytest.fixture
+def exported(trained: tuple[Any, Path, Path]) -> tuple[Path, Path]:
+    """(checkpoint, bundle) of tests/unit/conftest.py's trained model."""
+    return trained[1], trained[2]
 
 
 def test_an_exported_bundle_carries_the_step_pair_and_item_vectors(exported) -> None:
@@ -218,7 +208,7 @@ def test_an_exported_bundle_carries_the_step_pair_and_item_vectors(exported) -> 
     bundle = load_bundle(bundle_dir)
     spec = bundle.step
     assert spec is not None and bundle.step_path and bundle.prefill_path
-    assert (spec.n_blocks, spec.d_model, spec.n_heads, spec.stride) == (2, 16, 2, 4)
+    assert (spec.n_blocks, spec.d_model, spec.n_heads, spec.stride) == (2, 16, 2, 5)
     assert (spec.prefill, spec.step, spec.cache_dtype) == (PREFILL, STEP, "float16")
     assert {PREFILL, STEP, ITEM_VECTORS} <= set(bundle.manifest.files)
     assert bundle.manifest.metrics["step_max_rel_diff"] <= STEP_RTOL
@@ -226,7 +216,7 @@ def test_an_exported_bundle_carries_the_step_pair_and_item_vectors(exported) -> 
     assert vectors.dtype == np.float32 and vectors.shape == (16, 16)
     np.testing.assert_array_equal(vectors, model.item_vectors().detach().numpy())
     session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-    windows = parity_windows(15, 8, 6)
+    windows = parity_windows(15, 10, 6)
     scores, hidden = session.run(["scores", "hidden"], {"item_seq": windows})
     np.testing.assert_allclose(scores, hidden @ vectors.T, atol=1e-5)
 
@@ -269,7 +259,7 @@ def test_a_bundle_from_before_the_step_pair_still_loads(tmp_path: Path, exported
         {"n_heads": 3},
         {"n_blocks": 0},
         {"stride": 0},
-        {"stride": 9},
+        {"stride": 11},
         {"step": "model.onnx"},
         {"prefill": "../prefill.onnx"},
         {"prefill": ".hidden"},
