@@ -8,6 +8,9 @@ of seen items, same pessimistic ties as SASRec.
     ALS             implicit-feedback matrix factorisation (the `implicit` library); a user's
                     vector is folded in from the history it is scored on, so the model needs
                     no user ids and serves new users like known ones
+    text-kNN        pure content: an item scores by the cosine similarity of its text embedding
+                    to those of the session's recent items (recency-weighted); no clicks are
+                    used at all, so items never seen in training score like any other
 
 Every baseline exposes `score_fn` (left-padded (B, L) windows -> (B, N + 1) scores), `max_len`
 (the window it needs: the whole history for ALS) and `size` (stored numbers). Only numpy is
@@ -188,3 +191,33 @@ class ALS:
             users = self.model.recalculate_user(np.arange(len(history)), self._user_items(history))
         scores = users @ self.model.item_factors.T  # (B, N + 1)
         return np.asarray(scores, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class TextKNNConfig:
+    session: int = 10  # most recent items whose text is compared with each candidate
+    decay: float = 0.8  # weight of the k-th most recent item is decay^k
+
+    def __post_init__(self) -> None:
+        if self.session < 1 or not 0.0 < self.decay <= 1.0:
+            raise ConfigError(f"text-kNN settings out of range: {self}")
+
+
+class TextKNN:
+    """Session-to-item text similarity: score(c) = sum_k decay^k cos(text(s_k), text(c))."""
+
+    name = "text-kNN (session)"
+
+    def __init__(self, text_emb: np.ndarray, cfg: TextKNNConfig) -> None:
+        """text_emb (N + 1, T): unit-norm text embeddings, row 0 (padding) zeros."""
+        self.emb = np.array(text_emb, dtype=np.float32)  # (N + 1, T), a copy
+        self.emb[0] = 0.0
+        self.cfg, self.config, self.max_len = cfg, asdict(cfg), cfg.session
+        self.size = int(self.emb.size)
+
+    def score_fn(self, windows: np.ndarray) -> np.ndarray:
+        recent = windows[:, -self.cfg.session :]  # (B, S), newest last
+        S = recent.shape[1]
+        weights = (self.cfg.decay ** np.arange(S - 1, -1, -1.0)).astype(np.float32)  # (S,)
+        query = np.einsum("s,bst->bt", weights, self.emb[recent])  # (B, T); padding rows are 0
+        return np.asarray(query @ self.emb.T)  # (B, N + 1)

@@ -26,7 +26,10 @@ def add_commands(subparsers: Any) -> None:
 
 def _add_train(subparsers: Any) -> None:
     p = subparsers.add_parser("train", help="train SASRec on a data set, keep the best checkpoint")
-    p.add_argument("--data", required=True, help="synthetic:DIR, ml-1m:PATH or video:PATH")
+    p.add_argument(
+        "--data",
+        help="synthetic:DIR, ml-1m:PATH, ml-1m-ratings:PATH or video:PATH",
+    )
     p.add_argument("--out", required=True, type=Path, help="run directory (ckpt.pt goes here)")
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--d-model", type=int, default=64)
@@ -34,6 +37,15 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--positions", choices=("first", "slot"), default="first")
+    p.add_argument(
+        "--text", action="store_true", help="text-aware items: MiniLM text embedding + ID"
+    )
+    p.add_argument("--text-combine", choices=("sum", "gate"), default="sum")
+    p.add_argument("--id-dropout", type=float, default=0.0, help="share of ID parts dropped")
+    p.add_argument(
+        "--time-buckets", type=int, default=0, help="time-aware with this many log2 buckets"
+    )
+    p.add_argument("--session-gap", type=int, default=1800, help="seconds that start a session")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -91,14 +103,29 @@ def _setup_logging() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.data is None:
+        print("train: give --data (or --from-topic)", file=sys.stderr)
+        return 2
+    return 0 if train_from_args(args) is not None else 1
+
+
+def train_from_args(args: argparse.Namespace) -> Path | None:
+    """Train as the `train` flags say, print the summary; the checkpoint, None on failure.
+    `streamrec train --from-topic` (stream/retrain.py) calls this after writing its data."""
     if torch_missing():
-        return 1
+        return None
     from model.config import SASRecConfig, TrainConfig
     from model.data import load_dataset
     from model.errors import ModelError
+    from model.text import TEXT_DIM, TEXT_ENCODER, TEXT_FORMAT
     from model.train import load_checkpoint, train
 
     _setup_logging()
+    text: dict[str, Any] = {
+        "text_dim": TEXT_DIM,
+        "text_encoder": TEXT_ENCODER,
+        "text_format": TEXT_FORMAT,
+    }
     try:
         dataset = load_dataset(args.data)
         model_cfg = SASRecConfig(
@@ -109,6 +136,11 @@ def _train(args: argparse.Namespace) -> int:
             n_heads=args.heads,
             dropout=args.dropout,
             positions=args.positions,
+            text_combine=args.text_combine,
+            id_dropout=args.id_dropout,
+            time_buckets=args.time_buckets,
+            session_gap_s=args.session_gap,
+            **(text if args.text else {}),
         )
         train_cfg = TrainConfig(
             epochs=args.epochs,
@@ -139,10 +171,10 @@ def _train(args: argparse.Namespace) -> int:
         ckpt = load_checkpoint(path)
     except ModelError as exc:
         print(f"train: {exc}", file=sys.stderr)
-        return 1
+        return None
     summary = {"checkpoint": str(path), "best_epoch": ckpt["epoch"], **ckpt["metrics"]}
     print(json.dumps(summary, indent=2, sort_keys=True))
-    return 0
+    return path
 
 
 def _evaluate(args: argparse.Namespace) -> int:

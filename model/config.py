@@ -10,6 +10,7 @@ from model.errors import ConfigError
 Positions = Literal["slot", "first"]
 Windows = Literal["last", "all"]
 Schedule = Literal["constant", "cosine"]
+TextCombine = Literal["sum", "gate"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,23 @@ class SASRecConfig:
     # position does not move when a click is appended until the window is full (DESIGN.md).
     positions: Positions = "first"
     layer_norm_eps: float = 1e-6
+    # Text-aware items (model/sasrec.py TextSASRec): 0 = ID-only. Otherwise the width of the
+    # frozen text embedding (384 for all-MiniLM-L6-v2) projected to d_model and combined with
+    # the ID embedding; items never trained on are represented by their text alone.
+    text_dim: int = 0
+    text_encoder: str = ""  # the frozen encoder's name, for the manifest (model/text.py)
+    text_format: str = ""  # the item-text rule the embeddings were made with (model/text.py)
+    # "sum": text projection + ID embedding; "gate": text projection + g * ID embedding with a
+    # per-item gate g = sigmoid(w . text) that decides how much the ID adds.
+    text_combine: TextCombine = "sum"
+    # Training only: each step, this share of items lose their ID part (input and output side),
+    # so the text projection learns to stand alone as it must for unseen items.
+    id_dropout: float = 0.0
+    # Time-aware (model/sasrec.py TimeFeatures): 0 = no time input. Otherwise the number of
+    # log2 buckets for the interval to the previous click (input embedding) and for the time
+    # between a query click and each earlier click (a learned attention bias per head).
+    time_buckets: int = 0
+    session_gap_s: int = 1800  # a click after this much silence starts a new session (feature)
 
     def __post_init__(self) -> None:
         _positive(self, ("num_items", "max_len", "d_model", "n_blocks", "n_heads", "ffn_mult"))
@@ -35,6 +53,15 @@ class SASRecConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.positions not in ("slot", "first"):
             raise ConfigError(f"positions must be 'slot' or 'first', got {self.positions!r}")
+        if self.text_dim < 0 or self.time_buckets < 0 or self.session_gap_s < 1:
+            raise ConfigError("text_dim and time_buckets must be >= 0 and session_gap_s >= 1")
+        if self.text_combine not in ("sum", "gate") or not 0.0 <= self.id_dropout < 1.0:
+            raise ConfigError(
+                f"text_combine must be 'sum' or 'gate' and id_dropout in [0, 1), got "
+                f"{self.text_combine!r}, {self.id_dropout}"
+            )
+        if self.time_buckets == 1:
+            raise ConfigError("time_buckets must be 0 (off) or >= 2")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

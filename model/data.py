@@ -4,6 +4,9 @@ Specs accepted by `load_dataset`:
     synthetic:DIR   DIR/items.csv (item_id,title,genres) and DIR/clicks.csv (user_id,item_id,ts)
     ml-1m:PATH      SASRec text format: lines "user item", 1-based ints, chronological per user
     video:PATH      same format (SASRec's Amazon Video preprocessing)
+    ml-1m-ratings:PATH  MovieLens ratings.dat lines "UserID::MovieID::Rating::Timestamp" (e.g.
+                    ml-1m/ratings_users1-2999.dat) with real timestamps, ordered by time per user
+                    (file order breaks ties); items are MovieIDs, titles from movies.dat beside it
 
 Item index i (1..N) is `item_ids[i - 1]`; index 0 is padding everywhere.
 """
@@ -14,7 +17,7 @@ import csv
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,8 +60,10 @@ def load_dataset(spec: str) -> SequenceDataset:
         dataset = _load_synthetic(path)
     elif kind in SASREC_KINDS:
         dataset = _load_sasrec_txt(path, kind)
+    elif kind == "ml-1m-ratings":
+        dataset = _load_ratings(path)
     else:
-        raise DataError(f"unknown data kind {kind!r}; use synthetic, ml-1m or video")
+        raise DataError(f"unknown data kind {kind!r}; use synthetic, ml-1m, ml-1m-ratings or video")
     logger.info("loaded %s: %s", spec, dataset.description)
     return dataset
 
@@ -155,6 +160,38 @@ def _load_sasrec_txt(path: Path, kind: str) -> SequenceDataset:
         sequences=sequences,
         description=_describe(kind, path, sequences, num_items, path),
     )
+
+
+def _load_ratings(path: Path) -> SequenceDataset:
+    if not path.is_file():
+        raise DataError(f"{path} not found (expected MovieLens UserID::MovieID::Rating::Timestamp)")
+    try:
+        rows = [ln.split("::") for ln in path.read_text(encoding="ascii").splitlines() if ln]
+        users = [r[0] for r in rows]
+        movies = np.array([int(r[1]) for r in rows], dtype=np.int64)
+        stamps = np.array([int(r[3]) for r in rows], dtype=np.int64) * 1000  # epoch ms
+    except (ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a MovieLens ratings file ({exc})") from exc
+    movie_ids, items = np.unique(movies, return_inverse=True)
+    user_ids, sequences, times = _group_by_user(users, items.astype(np.int64) + 1, stamps)
+    item_ids = tuple(str(m) for m in movie_ids)
+    titles = _movie_titles(path.parent / "movies.dat", item_ids)
+    return SequenceDataset(
+        item_ids=item_ids,
+        titles=titles,
+        user_ids=user_ids,
+        sequences=sequences,
+        timestamps=times,
+        description=_describe("ml-1m-ratings", path, sequences, len(item_ids), path),
+    )
+
+
+def _movie_titles(movies: Path, item_ids: tuple[str, ...]) -> tuple[str, ...]:
+    if not movies.is_file():
+        return ("",) * len(item_ids)
+    lines = movies.read_text(encoding="iso-8859-1").splitlines()
+    titles = dict(ln.split("::")[:2] for ln in lines if ln.count("::") == 2)
+    return tuple(titles.get(i, "") for i in item_ids)
 
 
 def _describe(
@@ -254,3 +291,71 @@ def length_batches(
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def eval_times(dataset: SequenceDataset, split: Split) -> list[np.ndarray]:
+    """Epoch seconds of each `eval_examples` history (same users, same order, same cut)."""
+    if dataset.timestamps is None:
+        raise DataError(f"{dataset.description.get('name')} has no timestamps")
+    cut = 2 if split == "valid" else 1
+    chosen = [t for t in dataset.timestamps if len(t) >= 3]
+    return [t[:-cut] // 1000 for t in chosen]
+
+
+def train_times(dataset: SequenceDataset) -> list[np.ndarray]:
+    """Epoch seconds parallel to `train_sequences`."""
+    if dataset.timestamps is None:
+        raise DataError(f"{dataset.description.get('name')} has no timestamps")
+    return [(t[:-2] if len(t) >= 3 else t) // 1000 for t in dataset.timestamps]
+
+
+def cold_start_split(
+    dataset: SequenceDataset, fraction: float = 0.1, seed: int = 0
+) -> tuple[SequenceDataset, np.ndarray]:
+    """(data set, held-out item indices): a seeded `fraction` of the items is removed from the
+    training part of every sequence, so no training sequence contains one; the validation and
+    test items (the last two) stay as they are, so evaluation still asks for them."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"cold-start fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    count = max(1, round(fraction * dataset.num_items))
+    held_out = np.sort(rng.choice(np.arange(1, dataset.num_items + 1), count, replace=False))
+    cold = np.zeros(dataset.num_items + 1, dtype=bool)
+    cold[held_out] = True
+    stamps = dataset.timestamps or tuple(np.zeros(len(s), np.int64) for s in dataset.sequences)
+    sequences, times = [], []
+    for seq, ts in zip(dataset.sequences, stamps, strict=True):
+        head = len(seq) - 2 if len(seq) >= 3 else len(seq)
+        keep = np.concatenate([~cold[seq[:head]], np.ones(len(seq) - head, dtype=bool)])
+        sequences.append(seq[keep])
+        times.append(ts[keep])
+    description = {
+        **dataset.description,
+        "cold_start": {"fraction": fraction, "seed": seed, "held_out_items": int(count)},
+    }
+    out = replace(
+        dataset,
+        sequences=tuple(sequences),
+        timestamps=tuple(times) if dataset.timestamps is not None else None,
+        description=description,
+    )
+    return out, held_out
+
+
+def by_target(
+    dataset: SequenceDataset, split: Split, items: np.ndarray, *, inside: bool = True
+) -> SequenceDataset:
+    """The users whose `split` target is (inside) or is not (inside=False) one of `items`:
+    evaluating this data set on `split` scores exactly those cases, with the usual masking."""
+    cut = 2 if split == "valid" else 1
+    wanted = np.zeros(dataset.num_items + 1, dtype=bool)
+    wanted[np.asarray(items, dtype=np.int64)] = True
+    rows = [i for i, s in enumerate(dataset.sequences) if len(s) >= 3 and wanted[s[-cut]] == inside]
+    return replace(
+        dataset,
+        user_ids=tuple(dataset.user_ids[i] for i in rows),
+        sequences=tuple(dataset.sequences[i] for i in rows),
+        timestamps=None
+        if dataset.timestamps is None
+        else tuple(dataset.timestamps[i] for i in rows),
+    )

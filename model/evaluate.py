@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model.data import SequenceDataset, Split, batch_indices, eval_examples, left_pad
+from model.data import (
+    SequenceDataset,
+    Split,
+    batch_indices,
+    eval_examples,
+    eval_times,
+    left_pad,
+)
 from model.data import train_sequences as _train_sequences
 from model.errors import EvaluationError
 
@@ -30,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 KS = (5, 10, 20)
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # (B, max_len) int64 -> (B, N + 1) float32
+# Time-aware models: (item windows, time windows in epoch seconds), both (B, max_len) int64.
+TimeScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def pessimistic_ranks(
@@ -92,17 +101,25 @@ def evaluate_scores_fn(
     split: Split = "valid",
     max_len: int = 50,
     batch_size: int = 512,
+    *,
+    with_time: bool = False,
 ) -> dict[str, float]:
     """Metrics of score_fn on a leave-one-out split; the whole history is masked, not just the
-    window the model sees."""
+    window the model sees. With `with_time`, score_fn is a TimeScoreFn and also gets the
+    windows' click times (the data set's timestamps, in epoch seconds)."""
     histories, targets = eval_examples(dataset, split)
+    times = eval_times(dataset, split) if with_time else []
     acc = MetricAccumulator()
     # Users in order of history length, so a batch's windows share most of their padding and
     # torch_score_fn can cut it off; the metrics are sums, so the order changes nothing.
     by_length = np.argsort([len(h) for h in histories], kind="stable")
     for idx in (by_length[b] for b in batch_indices(len(targets), batch_size)):
         batch_hist = [histories[i] for i in idx]
-        scores = score_fn(left_pad(batch_hist, max_len))  # (b, N + 1)
+        windows = left_pad(batch_hist, max_len)  # (b, L)
+        if with_time:
+            scores = score_fn(windows, left_pad([times[i] for i in idx], max_len))  # type: ignore[call-arg]
+        else:
+            scores = score_fn(windows)  # (b, N + 1)
         if scores.shape[1] != dataset.num_items + 1:
             raise EvaluationError(
                 f"scores have {scores.shape[1]} columns, the data set needs "
@@ -113,13 +130,15 @@ def evaluate_scores_fn(
 
 
 def torch_score_fn(model: SASRec) -> ScoreFn:
+    """Scores of a torch model; a TimeScoreFn (windows, times) for time-aware models."""
     import torch
 
-    def score(windows: np.ndarray) -> np.ndarray:
+    def score(windows: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
         # Padding every row shares is dropped: no position depends on the amount of it.
         width = max(int(np.count_nonzero(windows, axis=1).max(initial=0)), 1)
+        time_seq = None if times is None else torch.from_numpy(times[:, -width:])
         with torch.no_grad():
-            return model.score_last(torch.from_numpy(windows[:, -width:])).numpy()
+            return model.score_last(torch.from_numpy(windows[:, -width:]), time_seq).numpy()
 
     return score
 
@@ -131,7 +150,12 @@ def evaluate_model(
     model.eval()
     try:
         return evaluate_scores_fn(
-            torch_score_fn(model), dataset, split, model.cfg.max_len, batch_size
+            torch_score_fn(model),
+            dataset,
+            split,
+            model.cfg.max_len,
+            batch_size,
+            with_time=bool(model.cfg.time_buckets),
         )
     finally:
         model.train(was_training)

@@ -2,17 +2,26 @@
 
 Pre-LN blocks of causal self-attention and a point-wise FFN, a final LayerNorm, and an output
 layer tied to the item embedding: score(item) = hidden · embedding(item).
+
+Two optional parts, both off by default (the ID-only model is then exactly the one above):
+- TextSASRec: an item is its frozen text embedding projected to d_model plus its ID embedding;
+  items never trained on are their text projection alone (cfg.text_dim).
+- TimeFeatures: with a `time_seq` of epoch seconds, the log interval to the previous click and
+  a session-start flag join the input, and the time between a query click and each earlier
+  click biases attention, TiSASRec-style (cfg.time_buckets).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import SASRecConfig
+from model.errors import ConfigError
 
 
 class Dropout(nn.Module):
@@ -82,14 +91,24 @@ class SASRec(nn.Module):
         self.apply(_init_weights)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
+        # Created after the init above, so an ID-only model draws exactly the same weights.
+        self.time = TimeFeatures(cfg) if cfg.time_buckets else None
 
-    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
-        """item_seq (B, L) int64, left-padded with 0, L <= max_len -> hidden (B, L, D)."""
+    def forward(self, item_seq: torch.Tensor, time_seq: torch.Tensor | None = None) -> torch.Tensor:
+        """item_seq (B, L) int64, left-padded with 0, L <= max_len -> hidden (B, L, D).
+
+        time_seq (B, L) int64 epoch seconds, aligned with item_seq: needed by time-aware models,
+        ignored by the others."""
         scale = math.sqrt(self.cfg.d_model)
         items = F.embedding(item_seq, self.item_vectors(), padding_idx=0)  # (B, L, D)
         x = items * scale + self.pos_emb(self.positions(item_seq))  # (B, L, D)
-        x = self.drop(x)
         allowed = attention_mask(item_seq)  # (B, 1, L, L)
+        if self.time is not None:
+            if time_seq is None:
+                raise ConfigError("this model is time-aware: pass time_seq with item_seq")
+            x = x + self.time.inputs(item_seq, time_seq)  # (B, L, D)
+            allowed = self.time.bias(item_seq, time_seq).masked_fill(~allowed, -math.inf)
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x, allowed)
         hidden: torch.Tensor = self.ln_f(x)  # (B, L, D)
@@ -106,9 +125,15 @@ class SASRec(nn.Module):
         """hidden (..., D) -> scores (..., num_items + 1); column 0 is padding."""
         return hidden @ self.item_vectors().T
 
-    def score_last(self, item_seq: torch.Tensor) -> torch.Tensor:
+    def score_last(
+        self, item_seq: torch.Tensor, time_seq: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Scores of the next item after the newest one: (B, L) -> (B, num_items + 1)."""
-        return self.logits(self(item_seq)[:, -1, :])  # (B, N + 1)
+        return self.logits(self(item_seq, time_seq)[:, -1, :])  # (B, N + 1)
+
+    def bundle_extras(self) -> dict[str, np.ndarray]:
+        """Arrays the bundle ships besides item_vectors.npy: none for the ID-only model."""
+        return {}
 
     def positions(self, item_seq: torch.Tensor) -> torch.Tensor:
         """Position ids, (L,) for "slot" or (B, L) for "first"; padding slots get any id."""
@@ -142,3 +167,126 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+class TextSASRec(SASRec):
+    """SASRec whose items are a projection of their frozen text embedding plus their ID.
+
+    item_vectors() = text_proj(text_emb) + (known ? [gate *] item_emb : unknown), row 0 zero.
+    `known` is 1 for the items of the training sequences (set by `set_known`): the ID embedding
+    of any other item never got a useful gradient (the tied softmax only pushed it down), so
+    such items get one shared learned `unknown` vector instead, which also stands in for the
+    IDs that id_dropout hides during training: it learns what an item without a trained ID is
+    worth on average. An item added at serving time is treated exactly the same way
+    (`bundle_extras` folds `unknown` into the projection's bias)."""
+
+    text_emb: torch.Tensor  # (N + 1, T) buffer, frozen
+    known: torch.Tensor  # (N + 1, 1) buffer, 1.0 = trained ID embedding
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        if cfg.text_dim < 1:
+            raise ConfigError("TextSASRec needs text_dim >= 1")
+        super().__init__(cfg)
+        n = cfg.num_items + 1
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.d_model)
+        self.text_gate = nn.Linear(cfg.text_dim, 1) if cfg.text_combine == "gate" else None
+        self.unknown = nn.Parameter(torch.zeros(cfg.d_model))  # (D,)
+        for layer in (self.text_proj, self.text_gate):
+            if layer is not None:
+                _init_weights(layer)
+        # Buffers, so checkpoints and the ONNX graph carry them; filled by set_text/set_known.
+        self.register_buffer("text_emb", torch.zeros(n, cfg.text_dim))  # (N + 1, T)
+        self.register_buffer("known", torch.zeros(n, 1))  # (N + 1, 1)
+
+    def set_text(self, table: np.ndarray) -> None:
+        """table (N + 1, text_dim): item index i's text embedding; row 0 is ignored."""
+        expected = (self.cfg.num_items + 1, self.cfg.text_dim)
+        if table.shape != expected:
+            raise ConfigError(f"text table {table.shape} does not fit the model's {expected}")
+        with torch.no_grad():
+            self.text_emb.copy_(torch.from_numpy(np.asarray(table, dtype=np.float32)))
+            self.text_emb[0].zero_()
+
+    def set_known(self, known: np.ndarray) -> None:
+        """known (N + 1,) bool: items whose ID embedding is trained (seen in training data)."""
+        with torch.no_grad():
+            self.known.copy_(torch.from_numpy(np.asarray(known, dtype=np.float32)).view(-1, 1))
+            self.known[0] = 0.0
+
+    def item_vectors(self) -> torch.Tensor:
+        known = self.known  # (N + 1, 1)
+        if self.training and self.cfg.id_dropout > 0.0:
+            known = known * (torch.rand_like(known) >= self.cfg.id_dropout)  # (N + 1, 1)
+        trained = self.item_emb.weight  # (N + 1, D)
+        if self.text_gate is not None:
+            trained = trained * torch.sigmoid(self.text_gate(self.text_emb))  # (N + 1, D)
+        ids = trained * known + self.unknown * (1.0 - known)  # (N + 1, D)
+        vectors = self.text_proj(self.text_emb) + ids  # (N + 1, D)
+        return F.pad(vectors[1:], (0, 0, 1, 0))  # (N + 1, D), row 0 = padding = zeros
+
+    def bundle_extras(self) -> dict[str, np.ndarray]:
+        """What serving needs to add an item at run time: v = text_emb @ W + b, b holding the
+        `unknown` ID vector too, so v is exactly the row an untrained catalogue item has."""
+        bias = self.text_proj.bias + self.unknown  # (D,)
+        return {
+            "item_text_emb": self.text_emb.detach().numpy().copy(),  # (N + 1, T)
+            "text_proj_w": self.text_proj.weight.detach().T.numpy().copy(),  # (T, D)
+            "text_proj_b": bias.detach().numpy().copy(),  # (D,)
+        }
+
+
+class TimeFeatures(nn.Module):
+    """Time as features from time_seq (epoch seconds; padding slots are ignored).
+
+    Input side: an embedding of the log2 bucket of the interval to the previous click (bucket 0:
+    no previous click in the window) and of a session-start flag (previous click more than
+    session_gap_s ago). Attention side: a learned bias per head for the log2 bucket of
+    t_query - t_key and for "same session". History is never cut at a session gap; the gap is a
+    feature. Everything depends only on the query's past, so causality holds."""
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.buckets, self.gap = cfg.time_buckets, cfg.session_gap_s
+        self.interval_emb = nn.Embedding(cfg.time_buckets + 1, cfg.d_model)
+        self.session_emb = nn.Embedding(2, cfg.d_model)
+        self.relation_bias = nn.Embedding(cfg.time_buckets, cfg.n_heads)
+        self.session_bias = nn.Embedding(2, cfg.n_heads)
+        for emb in (self.interval_emb, self.session_emb):
+            nn.init.normal_(emb.weight, mean=0.0, std=0.02)
+        for emb in (self.relation_bias, self.session_bias):
+            nn.init.zeros_(emb.weight)  # starts as plain SASRec attention
+
+    def _starts(self, item_seq: torch.Tensor, time_seq: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        real = item_seq != 0  # (B, L)
+        has_prev = real & F.pad(real[:, :-1], (1, 0), value=False)  # (B, L)
+        interval = (time_seq - F.pad(time_seq[:, :-1], (1, 0))).clamp(min=0)  # (B, L) int64
+        starts = ~has_prev | (interval > self.gap)  # (B, L) bool
+        return has_prev, interval, starts
+
+    def inputs(self, item_seq: torch.Tensor, time_seq: torch.Tensor) -> torch.Tensor:
+        has_prev, interval, starts = self._starts(item_seq, time_seq)
+        bucket = torch.where(has_prev, 1 + log_bucket(interval, self.buckets), 0)  # (B, L)
+        out: torch.Tensor = self.interval_emb(bucket) + self.session_emb(starts.long())
+        return out  # (B, L, D)
+
+    def bias(self, item_seq: torch.Tensor, time_seq: torch.Tensor) -> torch.Tensor:
+        _, _, starts = self._starts(item_seq, time_seq)
+        session = starts.long().cumsum(dim=1)  # (B, L): session number of each slot
+        same = session.unsqueeze(2) == session.unsqueeze(1)  # (B, L, L) query x key
+        elapsed = (time_seq.unsqueeze(2) - time_seq.unsqueeze(1)).clamp(min=0)  # (B, L, L)
+        bias = self.relation_bias(log_bucket(elapsed, self.buckets))  # (B, L, L, H)
+        bias = bias + self.session_bias(same.long())  # (B, L, L, H)
+        out: torch.Tensor = bias.permute(0, 3, 1, 2)  # (B, H, L, L)
+        return out
+
+
+def log_bucket(seconds: torch.Tensor, buckets: int) -> torch.Tensor:
+    """floor(log2(1 + seconds)) capped at buckets - 1: 0 s -> 0, 1 s -> 1, 1 h -> 11, 1 day ->
+    16, 1 year -> 24. int64 in, int64 out; differences are taken in int64 before the cast, so
+    epoch seconds lose no precision."""
+    return torch.log2(seconds.to(torch.float32) + 1.0).floor().long().clamp(0, buckets - 1)
+
+
+def build_model(cfg: SASRecConfig) -> SASRec:
+    """The model class a config asks for: TextSASRec with text_dim, else SASRec."""
+    return TextSASRec(cfg) if cfg.text_dim else SASRec(cfg)

@@ -24,11 +24,17 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from model.config import SASRecConfig, TrainConfig
-from model.data import SequenceDataset, length_batches, train_sequences, training_windows
+from model.data import (
+    SequenceDataset,
+    length_batches,
+    train_sequences,
+    train_times,
+    training_windows,
+)
 from model.errors import CheckpointError, ConfigError, TrainingError
 from model.evaluate import evaluate_model, evaluate_scores_fn, popularity_score_fn
 from model.loss import full_softmax_ce
-from model.sasrec import SASRec
+from model.sasrec import SASRec, TextSASRec, build_model
 from model.schedule import fit_epochs, fit_point, lr_at
 
 logger = logging.getLogger(__name__)
@@ -75,7 +81,8 @@ def train(
         run = _fresh(dataset, model_cfg, train_cfg)
     cfg = run.model.cfg
     sequences = train_sequences(dataset)
-    windows = _Windows(sequences, cfg.max_len, train_cfg)
+    times = train_times(dataset) if cfg.time_buckets else None
+    windows = _Windows(sequences, cfg.max_len, train_cfg, times)
     if not windows.count:
         raise ConfigError("no user has 2 training items; the data set is too small to train on")
     if "popularity_valid" not in run.metrics:
@@ -99,19 +106,41 @@ def train(
     return path
 
 
-class _Windows:
-    """The training windows of each epoch: fixed for "last", re-cut every epoch for "all"."""
+Cut = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # inputs, targets, input times
 
-    def __init__(self, sequences: list[np.ndarray], max_len: int, cfg: TrainConfig) -> None:
-        self.sequences, self.max_len, self.cfg = sequences, max_len, cfg
-        self.fixed = training_windows(sequences, max_len, every=cfg.windows == "all")
+
+class _Windows:
+    """The training windows of each epoch: fixed for "last", re-cut every epoch for "all".
+    With `times` (epoch seconds parallel to the sequences) the input windows' times come too,
+    cut at the same points."""
+
+    def __init__(
+        self,
+        sequences: list[np.ndarray],
+        max_len: int,
+        cfg: TrainConfig,
+        times: list[np.ndarray] | None = None,
+    ) -> None:
+        self.sequences, self.max_len, self.cfg, self.times = sequences, max_len, cfg, times
+        self.fixed = self._cut(None)
         self.count = len(self.fixed[0])
 
-    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _cut(self, seed: list[int] | None) -> Cut:
+        every = self.cfg.windows == "all"
+
+        def rng() -> np.random.Generator | None:
+            return None if seed is None else np.random.default_rng(seed)
+
+        inputs, targets = training_windows(self.sequences, self.max_len, every=every, rng=rng())
+        if self.times is None:
+            return inputs, targets, None
+        times = training_windows(self.times, self.max_len, every=every, rng=rng())[0]
+        return inputs, targets, times
+
+    def epoch(self, epoch: int) -> Cut:
         if self.cfg.windows == "last":
             return self.fixed
-        rng = np.random.default_rng([self.cfg.seed, epoch, 1])
-        return training_windows(self.sequences, self.max_len, every=True, rng=rng)
+        return self._cut([self.cfg.seed, epoch, 1])
 
 
 def _loop(
@@ -129,8 +158,7 @@ def _loop(
     while run.epoch < cfg.epochs and not stop:
         epoch, run.epoch = run.epoch, run.epoch + 1
         bar.set_description(f"epoch {run.epoch}")
-        inputs, targets = windows.epoch(epoch)
-        steps, stop = _epoch(run, cfg, inputs, targets, epoch, bar, deadline, limit)
+        steps, stop = _epoch(run, cfg, windows.epoch(epoch), epoch, bar, deadline, limit)
         if cfg.fit_epochs and deadline is not None and run.epoch == fit_point(cfg):
             cfg = fit_epochs(cfg, run.epoch, time.monotonic() - started, deadline)
         due = run.epoch % cfg.eval_every == 0 or run.epoch == cfg.epochs or stop
@@ -145,14 +173,14 @@ def _loop(
 def _epoch(
     run: _Run,
     cfg: TrainConfig,
-    inputs: np.ndarray,
-    targets: np.ndarray,
+    cut: Cut,
     epoch: int,
     bar: tqdm[Any],
     deadline: float | None,
     limit: int,
 ) -> tuple[int, bool]:
     """One pass over the shuffled windows: (steps run, whether the time budget ran out)."""
+    inputs, targets, times = cut
     # Seeded per epoch, so a resumed run shuffles exactly as an uninterrupted one would.
     rng = np.random.default_rng([cfg.seed, epoch])
     lengths = np.count_nonzero(inputs, axis=1)  # (W,)
@@ -169,7 +197,8 @@ def _epoch(
         # changes no output (no position depends on the amount of left padding) and saves
         # ~40% of the Transformer's work on ML-1M.
         width = max(int(lengths[idx].max()), 1)
-        run.loss = _step(run, inputs[idx, -width:], targets[idx, -width:], cfg)
+        batch_times = None if times is None else times[idx, -width:]
+        run.loss = _step(run, inputs[idx, -width:], targets[idx, -width:], cfg, batch_times)
         total_loss += run.loss
         steps += 1
         run.epoch_loss = total_loss / steps
@@ -187,13 +216,15 @@ def sequence_loss(
     label_smoothing: float = 0.0,
     future: int = 1,
     future_decay: float = 0.5,
+    times: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean full-softmax cross-entropy over every non-padding target of (B, L) windows.
 
     With future > 1 each position learns a distribution over the next `future` items of its
     window, weighted future_decay^j for the item j + 1 steps ahead: one softmax, several
-    targets, so the extra signal costs almost nothing."""
-    hidden = model(inputs)  # (B, L, D)
+    targets, so the extra signal costs almost nothing. `times` (B, L) epoch seconds feed a
+    time-aware model."""
+    hidden = model(inputs, times)  # (B, L, D)
     real = targets.reshape(-1) != 0  # (B * L,)
     ahead = [targets] + [F.pad(targets[:, j:], (0, j)) for j in range(1, future)]
     upcoming = torch.stack(ahead, dim=-1).reshape(-1, future)[real]  # (T, K)
@@ -218,7 +249,13 @@ def _fit_total(bar: tqdm[Any], deadline: float | None, limit: int) -> None:
     bar.total = max(bar.n, min(limit, fits))
 
 
-def _step(run: _Run, inputs: np.ndarray, targets: np.ndarray, cfg: TrainConfig) -> float:
+def _step(
+    run: _Run,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    cfg: TrainConfig,
+    times: np.ndarray | None = None,
+) -> float:
     loss = sequence_loss(
         run.model,
         torch.from_numpy(inputs),
@@ -226,6 +263,7 @@ def _step(run: _Run, inputs: np.ndarray, targets: np.ndarray, cfg: TrainConfig) 
         cfg.label_smoothing,
         cfg.future,
         cfg.future_decay,
+        None if times is None else torch.from_numpy(times),
     )
     run.optimizer.zero_grad(set_to_none=True)
     torch.autograd.backward(loss)
@@ -280,7 +318,13 @@ def _fresh(dataset: SequenceDataset, model_cfg: SASRecConfig, cfg: TrainConfig) 
             f"model has {model_cfg.num_items} items, the data set {dataset.num_items}"
         )
     torch.manual_seed(cfg.seed)
-    model = SASRec(model_cfg)
+    model = build_model(model_cfg)
+    if isinstance(model, TextSASRec):
+        from model.text import text_table
+
+        model.set_text(text_table(dataset))
+        trained = np.concatenate([np.zeros(1, np.int64), *train_sequences(dataset)])
+        model.set_known(np.bincount(trained, minlength=dataset.num_items + 1) > 0)
     return _Run(model=model, optimizer=_optimizer(model, cfg))
 
 
@@ -384,7 +428,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> SASRec:
     """The model of a loaded checkpoint, in eval mode."""
-    model = SASRec(SASRecConfig.from_dict(ckpt["model_config"]))
+    model = build_model(SASRecConfig.from_dict(ckpt["model_config"]))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

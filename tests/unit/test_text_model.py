@@ -1,0 +1,173 @@
+"""Text-aware SASRec (items = text projection + ID) and the time features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import SASRecConfig
+from model.errors import ConfigError
+from model.sasrec import SASRec, TextSASRec, TimeFeatures, build_model, log_bucket
+from model.text import item_text
+
+torch.set_num_threads(2)
+N, T, D, L = 12, 6, 8, 6
+
+
+def text_model(
+    known: list[int] | None = None, combine: str = "sum", id_dropout: float = 0.0
+) -> TextSASRec:
+    torch.manual_seed(0)
+    cfg = SASRecConfig(
+        num_items=N, max_len=L, d_model=D, n_blocks=2, n_heads=2, dropout=0.0, text_dim=T,
+        text_combine=combine, id_dropout=id_dropout,  # type: ignore[arg-type]
+    )  # fmt: skip
+    model = build_model(cfg)
+    assert isinstance(model, TextSASRec)
+    table = np.random.default_rng(0).normal(size=(N + 1, T)).astype(np.float32)
+    model.set_text(table / np.linalg.norm(table, axis=1, keepdims=True))
+    mask = np.zeros(N + 1, dtype=bool)
+    mask[known if known is not None else range(1, N + 1)] = True
+    model.set_known(mask)
+    return model.eval()
+
+
+def pad(*rows: list[int], length: int = L) -> torch.Tensor:
+    return torch.tensor([[0] * (length - len(r)) + r for r in rows], dtype=torch.int64)
+
+
+def test_text_model_shapes_and_zero_padding_row():
+    model = text_model()
+    seq = pad([1, 2, 3], [4, 5, 6, 7, 8, 9], [12])
+    assert model(seq).shape == (3, L, D)
+    assert model.score_last(seq).shape == (3, N + 1)
+    vectors = model.item_vectors()
+    assert vectors.shape == (N + 1, D)
+    assert torch.count_nonzero(vectors[0]) == 0
+
+
+@pytest.mark.parametrize("combine", ["sum", "gate"])
+def test_text_model_is_causal_and_ignores_padding(combine: str):
+    model = text_model(combine=combine)
+    a = pad([3, 4, 5, 6, 7])
+    b = a.clone()
+    b[0, -1] = 11
+    with torch.no_grad():
+        ha, hb = model(a), model(b)
+        shorter = model.score_last(pad([3, 4, 5], length=3))
+        longer = model.score_last(pad([3, 4, 5]))
+    assert torch.allclose(ha[:, :-1], hb[:, :-1], atol=1e-6)
+    assert not torch.allclose(ha[:, -1], hb[:, -1], atol=1e-4)
+    assert torch.allclose(shorter, longer, atol=1e-5)
+
+
+@pytest.mark.parametrize("combine", ["sum", "gate"])
+def test_unseen_items_are_their_text_projection_alone(combine: str):
+    model = text_model(known=[1, 2, 3, 4, 5, 6, 7, 8], combine=combine)
+    with torch.no_grad():
+        model.unknown.normal_()  # the shared vector of items without a trained ID
+    extras = model.bundle_extras()
+    w, b, emb = extras["text_proj_w"], extras["text_proj_b"], extras["item_text_emb"]
+    assert w.shape == (T, D) and b.shape == (D,) and emb.shape == (N + 1, T)
+    with torch.no_grad():
+        before = model.item_vectors().numpy().copy()
+        model.item_emb.weight[9:].normal_()  # the ID rows of the unseen items 9..12
+        after = model.item_vectors().numpy()
+    np.testing.assert_allclose(before, after)  # their ID embeddings play no part
+    np.testing.assert_allclose(after[9:], emb[9:] @ w + b, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(after[1:9], emb[1:9] @ w + b, atol=1e-4)  # known: text + ID
+
+
+def test_id_dropout_acts_in_training_only():
+    model = text_model(id_dropout=0.5)
+    with torch.no_grad():
+        first, second = model.item_vectors(), model.item_vectors()
+        assert torch.equal(first, second)
+        model.train()
+        torch.manual_seed(1)
+        dropped = model.item_vectors()
+    text_only = model.text_proj(model.text_emb) + model.unknown
+    rows = [i for i in range(1, N + 1) if torch.allclose(dropped[i], text_only[i])]
+    assert 0 < len(rows) < N  # some items lost their ID part, not all
+
+
+def test_text_model_checkpoint_state_round_trip():
+    model = text_model(known=[1, 2, 3])
+    clone = build_model(model.cfg)
+    clone.load_state_dict(model.state_dict())
+    clone.eval()
+    seq = pad([1, 5, 9])
+    with torch.no_grad():
+        assert torch.equal(model.score_last(seq), clone.score_last(seq))
+
+
+def test_default_config_builds_the_plain_id_only_model():
+    torch.manual_seed(0)
+    cfg = SASRecConfig(num_items=N, max_len=L, d_model=D)
+    model = build_model(cfg)
+    torch.manual_seed(0)
+    plain = SASRec(cfg)
+    assert type(model) is SASRec and model.time is None
+    assert model.bundle_extras() == {}
+    for (name, a), (other, b) in zip(
+        model.state_dict().items(), plain.state_dict().items(), strict=True
+    ):
+        assert name == other and torch.equal(a, b)
+    assert not any("text" in k or "time" in k for k in model.state_dict())
+
+
+def test_item_text_rule():
+    assert item_text(" Toy Story (1995) ", "Animation|Children's|Comedy") == (
+        "Toy Story (1995). Genres: Animation, Children's, Comedy"
+    )
+    assert item_text("Heat (1995)", "") == "Heat (1995)"
+
+
+# -- time -------------------------------------------------------------------------------------
+def test_log_buckets_against_hand_values():
+    seconds = torch.tensor([0, 1, 2, 3, 30, 3600, 86_400, 31_536_000, 10**12])
+    assert log_bucket(seconds, 28).tolist() == [0, 1, 1, 2, 4, 11, 16, 24, 27]
+    assert log_bucket(seconds, 12).tolist() == [0, 1, 1, 2, 4, 11, 11, 11, 11]
+
+
+def time_cfg(**kw: object) -> SASRecConfig:
+    base: dict[str, object] = dict(
+        num_items=N, max_len=L, d_model=D, n_heads=2, dropout=0.0, time_buckets=28
+    )
+    return SASRecConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_time_features_interval_buckets_and_session_starts():
+    feats = TimeFeatures(time_cfg(session_gap_s=1800))
+    items = torch.tensor([[0, 0, 5, 6, 7, 8]])
+    times = torch.tensor([[0, 0, 1000, 1030, 4900, 4900]])
+    has_prev, interval, starts = feats._starts(items, times)
+    assert has_prev.tolist() == [[False, False, False, True, True, True]]
+    assert interval[0, 3:].tolist() == [30, 3870, 0]
+    assert starts.tolist() == [[True, True, True, False, True, False]]
+    # interval bucket 0 = no previous click, else 1 + floor(log2(1 + gap))
+    bucket = torch.where(has_prev, 1 + log_bucket(interval, 28), 0)
+    assert bucket.tolist() == [[0, 0, 0, 5, 12, 1]]
+    bias = feats.bias(items, times)
+    assert bias.shape == (1, 2, L, L)
+
+
+def test_time_model_is_causal_needs_times_and_ignores_padding():
+    torch.manual_seed(0)
+    model = SASRec(time_cfg()).eval()
+    with torch.no_grad():  # a trained model's biases are not zero
+        for p in model.time.parameters():  # type: ignore[union-attr]
+            p.normal_()
+    items = pad([3, 4, 5, 6, 7])
+    times = pad([100, 200, 5000, 5010, 90_000])
+    later = times.clone()
+    later[0, -1] = 900_000
+    with torch.no_grad():
+        a, b = model(items, times), model(items, later)
+        short = model.score_last(items[:, -3:], times[:, -3:])
+        assert torch.allclose(model.score_last(pad([5, 6, 7]), pad([5000, 5010, 90_000])), short)
+    assert torch.allclose(a[:, :-1], b[:, :-1], atol=1e-6)
+    assert not torch.allclose(a[:, -1], b[:, -1], atol=1e-4)
+    with pytest.raises(ConfigError):
+        model(items)
