@@ -332,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_commands(sub)
     add_export_commands(sub)
+    # `train --from-topic`: the click topic as training data (stream/retrain.py).
+    from stream.retrain import add_from_topic_args
+
+    add_from_topic_args(sub.choices["train"], load_settings)
     return parser
 
 
