@@ -1,15 +1,20 @@
 """Incremental inference (issue 8): one step.onnx position per click instead of a re-encode.
 
 For one poll batch, `IncrementalScorer.score_sessions` splits the touched users in two:
-- step rows: the user's cached K/V is exactly their window minus the newest click
-  (KVCache.steppable). Their pasts are gathered into one (b, n_blocks, 2, P, D) float16 array
-  right-padded to the batch's longest, step.onnx runs once, and each row's new keys/values are
-  scattered to its next position: two numpy fancy-index operations, no per-user array work.
-- prefill rows: everyone else (no entry, evicted and not in RocksDB, a model swap, several
-  clicks in one batch, a slid window, a click on a runtime item). prefill.onnx runs once over
-  their windows and its K/V output becomes their new entries.
+- step rows: the user's cached K/V is exactly their window minus its k newest clicks, 1 <= k <=
+  max_catch_up (KVCache.steppable). Their pasts are gathered once into a (b, n_blocks, 2, P, D)
+  float16 array right-padded to the batch's longest; step.onnx runs in k waves (wave j appends
+  click j of every row that has one: usually one wave), each wave's new keys/values are
+  scattered to the pool: numpy fancy-index operations, no per-user array work.
+- prefill rows: everyone else (no entry, evicted and not in RocksDB, a model swap, more than
+  max_catch_up clicks in one batch, a slid window, a click on a runtime item). prefill.onnx runs
+  once over their windows and its K/V output becomes their new entries.
 Both calls isolate poison rows by bisection (scoring.isolate_failures); a failed row scores
 -inf, is dead-lettered by the processor and loses its entry.
+
+Several clicks in one batch are caught up by steps rather than prefill (the brief allowed
+prefill): a drained backlog puts ~4 clicks of each user of a partition in a batch, and a step
+position costs about a twelfth of a prefill row.
 
 The window is the one full re-encoding scores (scoring.session_inputs: the newest
 `window_len(count, max_len, stride)` items, from the session's event counter), so with a full
@@ -68,6 +73,7 @@ class IncrementalScorer:
         *,
         cache_bytes: int = 256 << 20,
         backing: KVBacking | None = None,
+        max_catch_up: int = 8,
     ) -> None:
         spec, prefill, step = bundle.step, bundle.prefill_path, bundle.step_path
         if spec is None or prefill is None or step is None:
@@ -89,6 +95,9 @@ class IncrementalScorer:
             n_blocks=spec.n_blocks, d_model=spec.d_model, max_len=bundle.max_len,
             model_version=bundle.model_version, budget_bytes=cache_bytes, backing=backing,
         )  # fmt: skip
+        # Clicks of one user in one batch that are stepped rather than re-encoded by prefill: a
+        # step position costs ~1/12 of a prefill row (benchmarks/results/model_ceiling.json).
+        self.max_catch_up = max_catch_up
         self.timings: defaultdict[str, float] = defaultdict(float)
         self.rows: Counter[str] = Counter()
 
@@ -140,44 +149,61 @@ class IncrementalScorer:
         """Scores of every row (B, N + 1 + M) and hidden (B, D); failed rows -inf / zero."""
         t0 = time.perf_counter()
         B = len(users)
-        slots = self.cache.lookup(users)  # (B,)
-        last = np.fromiter((s.offsets[-1] if s.offsets else -1 for s in sessions), np.int64, B)
+        cache = self.cache
+        slots = cache.lookup(users)  # (B,)
+        # Clicks the entry lacks; the event just before them must be the entry's newest.
+        pending = np.where(slots >= 0, inputs.lengths - cache.length[np.maximum(slots, 0)], 0)
         prev = np.fromiter(
-            (s.offsets[-2] if len(s.offsets) > 1 else -1 for s in sessions), np.int64, B
-        )
+            (s.offsets[-k - 1] if 0 < k < len(s.offsets) else -1
+             for s, k in zip(sessions, pending.tolist(), strict=True)),
+            np.int64, B,
+        )  # fmt: skip
+        last = np.fromiter((s.offsets[-1] if s.offsets else -1 for s in sessions), np.int64, B)
         parts = np.fromiter((s.partition for s in sessions), np.int64, B)
-        stepping = self.cache.steppable(slots, inputs.starts, inputs.lengths, prev, parts)
+        stepping = cache.steppable(slots, inputs.starts, pending, prev, parts, self.max_catch_up)
         scores = np.full((B, view.num_model), -np.inf, dtype=np.float32)
         hidden = np.zeros((B, self.kv_shape[2]), dtype=np.float32)
         self.timings["lookup"] += time.perf_counter() - t0
         out = _Outputs(scores, hidden, last, parts)
-        failed = self._steps(np.flatnonzero(stepping), slots, inputs, out)
+        failed = self._steps(np.flatnonzero(stepping), slots, pending, inputs, out)
         failed |= self._prefills(np.flatnonzero(~stepping), users, inputs, out)
         if failed:
-            self.cache.drop([users[r] for r in failed])
-        self.cache.write_back()
+            cache.drop([users[r] for r in failed])
+        cache.write_back()
         return Scored(view.extend(scores, hidden), hidden, failed)
 
     def _steps(
-        self, rows: IntArray, slots: IntArray, inputs: ModelInputs, out: _Outputs
+        self, rows: IntArray, slots: IntArray, pending: IntArray, inputs: ModelInputs, out: _Outputs
     ) -> dict[int, ScoringError]:
+        """Waves of step.onnx: wave j appends click j of every row that has one; rows sorted
+        by clicks pending, so a wave's rows are a prefix and its past a contiguous slice."""
         if not len(rows):
             return {}
         t0 = time.perf_counter()
-        slots = slots[rows]  # (b,)
-        positions = self.cache.length[slots]  # (b,) = cached length
-        past = self.cache.gather(slots)  # (b, nb, 2, P, D)
-        items = inputs.item_seq[rows, -1]  # (b,) the newest click
+        rows = rows[np.argsort(-pending[rows], kind="stable")]
+        slots, k = slots[rows], pending[rows]  # (b,), (b,) descending
+        n0 = self.cache.length[slots]  # (b,) cached positions before this batch
+        L = self.max_len
+        # Gathered once; a wave's new K/V go here (for the next wave) and to the pool.
+        work = self.cache.gather(slots, max(1, int((n0 + k - 1).max())))  # (b, nb, 2, P, D)
         self.timings["gather"] += time.perf_counter() - t0
 
         def call(lo: int, hi: int) -> None:
-            t1 = time.perf_counter()
-            scores, hidden, new_kv = self.run_step(items[lo:hi], positions[lo:hi], past[lo:hi])
-            t2 = time.perf_counter()
-            out.keep(rows[lo:hi], scores, hidden)
-            self.cache.append(slots[lo:hi], new_kv, out.last[rows[lo:hi]])
-            self.timings["step"] += t2 - t1
-            self.timings["scatter"] += time.perf_counter() - t2
+            self.cache.length[slots[lo:hi]] = n0[lo:hi]  # a bisection retry starts over
+            for j in range(int(k[lo])):
+                t1 = time.perf_counter()
+                b = lo + int((k[lo:hi] > j).sum())  # rows lo:b have a click at wave j
+                positions = n0[lo:b] + j  # (w,)
+                items = inputs.item_seq[rows[lo:b], L - k[lo:b] + j]  # (w,)
+                scores, hidden, new_kv = self.run_step(items, positions, work[lo:b])
+                t2 = time.perf_counter()
+                more = lo + int((k[lo:hi] > j + 1).sum())  # rows with a later wave
+                work[np.arange(lo, more), :, :, positions[: more - lo]] = new_kv[: more - lo]
+                self.cache.append(slots[lo:b], new_kv, out.last[rows[lo:b]])
+                out.keep(rows[more:b], scores[more - lo :], hidden[more - lo :])
+                self.timings["step"] += t2 - t1
+                self.timings["scatter"] += time.perf_counter() - t2
+                self.rows["step_positions"] += b - lo
 
         self.rows["step"] += len(rows)
         return _in_batch(rows, isolate_failures(call, len(rows)))

@@ -5,12 +5,12 @@ Hot path: one preallocated pool (capacity, n_blocks, 2, max_len, D) float16, an 
 slots bounded in bytes (`kv_cache_mb`), and per-slot metadata arrays, so a batch's gather and
 scatter are single numpy fancy-index operations, never per-user array work.
 
-An entry is valid for a step only when it is exactly the session's window minus the newest
-click (`steppable`): same model, same window start (the window did not slide), one position
-shorter, and its newest cached event is the session's second newest (input partition and
-offset: Kafka never reuses them, so a forgotten user, a replay, a restore that cut events or
-several clicks in one batch all fail the check). Anything else is rebuilt by prefill.onnx;
-correctness never depends on the cache.
+An entry is valid for steps only when it is exactly the session's window minus its k newest
+clicks (`steppable`): same model, same window start (the window did not slide), k positions
+shorter, and its newest cached event is the session event just before those k (input
+partition and offset: Kafka never reuses them, so a forgotten user, a replay or a restore
+that cut events fail the check). Anything else is rebuilt by prefill.onnx; correctness never
+depends on the cache.
 
 Persistence (the session store's "kv" column family, no WAL, never in the changelog): an
 entry is written when it is evicted from memory, when its partition is revoked, and on close,
@@ -134,34 +134,36 @@ class KVCache:
         self,
         slots: IntArray,
         starts: IntArray,
-        lengths: IntArray,
+        pending: IntArray,
         prev_offsets: IntArray,
         partitions: IntArray,
+        max_pending: int,
     ) -> BoolArray:
-        """(B,) True where the entry is the window minus its newest item (step.onnx applies).
+        """(B,) True where the entry is the window minus its `pending` newest clicks (1..
+        max_pending), so step.onnx can append them.
 
-        starts/lengths: the window now (scoring.ModelInputs); prev_offsets: the offset of the
-        session's second newest event; partitions: the session's input partition.
+        starts: the window's first event number now (scoring.ModelInputs); pending: window
+        length now minus the entry's; prev_offsets: the offset of the session event just before
+        the pending ones; partitions: the session's input partition.
         """
         hit = slots >= 0
         if not self.capacity:
             return hit
         s = np.where(hit, slots, 0)  # (B,)
-        n = self.length[s]
         ok: BoolArray = (
             hit
-            & (n >= 1)
-            & (n == lengths - 1)
+            & (self.length[s] >= 1)
+            & (pending >= 1)
+            & (pending <= max_pending)
             & (self.start[s] == starts)
             & (self.offset[s] == prev_offsets)
             & (self.partition[s] == partitions)
         )
         return ok
 
-    def gather(self, slots: IntArray) -> HalfArray:
-        """(B, nb, 2, P, D) contiguous past of these slots, right-padded to P = max length."""
-        P = max(1, int(self.length[slots].max()))
-        return self.pool[slots, :, :, :P]  # fancy index on axis 0: one copy, C-contiguous
+    def gather(self, slots: IntArray, width: int) -> HalfArray:
+        """(B, nb, 2, width, D) contiguous copy of these slots' first `width` positions."""
+        return self.pool[slots, :, :, :width]  # fancy index on axis 0: one C-contiguous copy
 
     def append(self, slots: IntArray, new_kv: HalfArray, offsets: IntArray) -> None:
         """After a step: new_kv (B, nb, 2, D) goes to each slot's next position."""
@@ -186,17 +188,13 @@ class KVCache:
             self._allocate(u) if n else self._forget(u) for u, n in zip(users, lengths, strict=True)
         ]
         slots = np.array(take, dtype=np.int64)  # (b,)
-        rows = np.flatnonzero(slots >= 0)
-        if not len(rows):
-            return
         L = self.max_len
-        shift = np.arange(L)[None, :] + (L - lengths[rows])[:, None]  # (r, L)
-        # Rotate each row so its real positions come first: slot t <- item_seq slot L - n + t.
-        self.pool[slots[rows]] = np.take_along_axis(
-            kv[rows], (shift % L)[:, None, None, :, None], axis=3
-        )  # (r, nb, 2, L, D)
-        for slot, row in zip(slots[rows], rows, strict=True):
-            self._set(slot, starts[row], lengths[row], offsets[row], partitions[row], dirty=True)
+        for row in np.flatnonzero(slots >= 0).tolist():
+            slot, n = int(slots[row]), int(lengths[row])
+            # Right-padded: position t is item_seq slot L - n + t. (One slice copy per row:
+            # take_along_axis over the batch builds index arrays of kv's size: ~40× slower.)
+            self.pool[slot, :, :, :n] = kv[row, :, :, L - n :]
+            self._set(slot, starts[row], n, offsets[row], partitions[row], dirty=True)
 
     def _set(
         self, slot: int, start: int, n: int, offset: int, partition: int, *, dirty: bool

@@ -114,7 +114,7 @@ def test_incremental_lists_equal_the_full_models_through_slides_and_a_restart(
             assert isinstance(before, IncrementalScorer)
             assert before.cache.stats["evicted"] > 0 and before.cache.stats["loaded"] > 0
         with RunningProcessor(inc) as second:
-            rounds(22, 28, per_round=3)  # several clicks of each user in one batch
+            rounds(22, 28, per_round=3)  # several clicks of a user in one batch
             rounds(28, 35)
             after = second.scorer
             assert isinstance(after, IncrementalScorer)
@@ -128,8 +128,8 @@ def test_incremental_lists_equal_the_full_models_through_slides_and_a_restart(
     assert swapped <= len(common) // 100, f"{swapped} ranks differ in {len(common)} lists"
     steps = before.rows["step"] + after.rows["step"]
     prefills = before.rows["prefill"] + after.rows["prefill"]
-    # Prefills: every user's first click, 4 + 8 slides, the bursts (once or twice per user,
-    # as the poll batches split them); everything else, after a restart too, is a step.
+    # Prefills: every user's first click and 4 + 8 slides; everything else (bursts of three
+    # clicks in one batch: three step waves; after a restart too) is a step.
     assert prefills >= 12 + 12 and steps > 4 * prefills, (steps, prefills)
 
 
@@ -196,8 +196,13 @@ def test_a_poison_row_fails_alone_on_the_step_and_on_the_prefill_path(
         assert "u4" not in scorer.cache, "a failed row keeps no entry"
         for history in histories.values():
             history += clicks(2)
-        scorer.poison = histories["u2"][-2] = 6  # two clicks each: the prefill batch fails
-        assert list(score()) == [2] and scorer.rows["prefill"] == 9 + 9
+        scorer.poison = histories["u2"][-2] = 6  # two clicks each: the first step wave fails
+        assert list(score()) == [2] and scorer.rows["step"] == 9 + 8
+        assert scorer.rows["prefill"] == 9 + 1, "u4 rebuilt"
+        for history in histories.values():
+            history += clicks(scorer.max_catch_up + 2)
+        scorer.poison = histories["u5"][-3] = 5  # more clicks than steps catch up: prefill
+        assert list(score()) == [5] and scorer.rows["prefill"] == 9 + 1 + 9
     finally:
         store.close()
 

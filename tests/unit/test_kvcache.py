@@ -35,11 +35,12 @@ def put(cache: KVCache, users: list[str], kv: np.ndarray, lengths: list[int]) ->
 
 
 def steppable(cache: KVCache, slots: np.ndarray, **kw: list[int]) -> list[bool]:
+    """cache.steppable with one new click and the entries `put` made (start 0, offset 100),
+    unless the keywords say otherwise; max 3 clicks to catch up."""
     n = len(slots)
-    args = {"starts": [0] * n, "lengths": [1] * n, "prev": [100] * n, "parts": [0] * n, **kw}
-    return cache.steppable(
-        slots, *(np.array(args[k], dtype=np.int64) for k in ("starts", "lengths", "prev", "parts"))
-    ).tolist()
+    args = {"starts": [0] * n, "pending": [1] * n, "prev": [100] * n, "parts": [0] * n, **kw}
+    names = ("starts", "pending", "prev", "parts")
+    return cache.steppable(slots, *(np.array(args[k], dtype=np.int64) for k in names), 3).tolist()
 
 
 def test_prefill_output_is_stored_right_padded_and_steps_append_at_the_next_position() -> None:
@@ -48,27 +49,28 @@ def test_prefill_output_is_stored_right_padded_and_steps_append_at_the_next_posi
     assert cache.lookup(["a", "b"]).tolist() == [-1, -1]
     put(cache, ["a", "b"], kv, [2, 5])
     slots = cache.lookup(["a", "b"])
-    past = cache.gather(slots)  # (2, nb, 2, P, D), P = the longest
+    past = cache.gather(slots, 5)  # (2, nb, 2, P, D)
     assert past.shape == (2, NB, 2, 5, D) and past.flags.c_contiguous
     np.testing.assert_array_equal(past[0, :, :, :2], kv[0, :, :, L - 2 :])
     np.testing.assert_array_equal(past[1], kv[1])
     new = np.full((1, NB, 2, D), 7, dtype=np.float16)
     cache.append(slots[:1], new, np.array([101]))
     assert cache.length[slots[0]] == 3 and cache.offset[slots[0]] == 101
-    np.testing.assert_array_equal(cache.gather(slots[:1])[0, :, :, 2], new[0])
+    np.testing.assert_array_equal(cache.gather(slots[:1], 3)[0, :, :, 2], new[0])
 
 
 def test_an_entry_steps_only_when_it_is_the_window_minus_the_newest_click() -> None:
     cache = cache_for(4)
     put(cache, ["a"], prefill_kv(1, seed=1), [3])  # start 0, 3 positions, newest offset 100
     slots = cache.lookup(["a"])
-    assert steppable(cache, slots, lengths=[4]) == [True]
-    assert steppable(cache, slots, lengths=[5]) == [False], "two clicks since: prefill"
-    assert steppable(cache, slots, lengths=[3]) == [False], "a replay: nothing new"
-    assert steppable(cache, slots, lengths=[4], starts=[3]) == [False], "the window slid"
-    assert steppable(cache, slots, lengths=[4], prev=[99]) == [False], "another history"
-    assert steppable(cache, slots, lengths=[4], parts=[1]) == [False], "another partition"
-    assert steppable(cache, np.array([-1]), lengths=[4]) == [False]
+    assert steppable(cache, slots) == [True]
+    assert steppable(cache, slots, pending=[3]) == [True], "three clicks: three step waves"
+    assert steppable(cache, slots, pending=[4]) == [False], "more than max: prefill"
+    assert steppable(cache, slots, pending=[0]) == [False], "a replay: nothing new"
+    assert steppable(cache, slots, starts=[3]) == [False], "the window slid"
+    assert steppable(cache, slots, prev=[99]) == [False], "another history"
+    assert steppable(cache, slots, parts=[1]) == [False], "another partition"
+    assert steppable(cache, np.array([-1])) == [False]
 
 
 def test_the_lru_is_bounded_in_bytes_and_never_evicts_a_user_of_the_current_batch() -> None:
@@ -93,7 +95,7 @@ def test_a_cache_with_no_budget_caches_nothing() -> None:
     cache = cache_for(0)
     slots = cache.lookup(["a"])
     put(cache, ["a"], prefill_kv(1, seed=5), [2])
-    assert len(cache) == 0 and steppable(cache, slots, lengths=[3]) == [False]
+    assert len(cache) == 0 and steppable(cache, slots) == [False]
 
 
 def test_evicted_entries_go_to_rocksdb_and_come_back(tmp_path: Path) -> None:
@@ -109,8 +111,8 @@ def test_evicted_entries_go_to_rocksdb_and_come_back(tmp_path: Path) -> None:
         assert cache.stats["written"] == 1 and "a" not in cache
         slots = cache.lookup(["a"])  # loaded from RocksDB (evicting b, also written)
         assert cache.stats["loaded"] == 1 and slots[0] >= 0
-        np.testing.assert_array_equal(cache.gather(slots)[0, :, :, :3], kv[0, :, :, L - 3 :])
-        assert steppable(cache, slots, lengths=[4]) == [True]
+        np.testing.assert_array_equal(cache.gather(slots, 3)[0, :, :, :3], kv[0, :, :, L - 3 :])
+        assert steppable(cache, slots) == [True]
     finally:
         store.close()
 
@@ -129,7 +131,7 @@ def test_entries_survive_a_restart_and_a_new_model_version_drops_them(tmp_path: 
         again = cache_for(4, store)
         slots = again.lookup(["a", "b"])
         assert again.length[slots].tolist() == [2, 4]
-        np.testing.assert_array_equal(again.gather(slots)[1, :, :, :4], kv[1, :, :, 1:])
+        np.testing.assert_array_equal(again.gather(slots, 4)[1, :, :, :4], kv[1, :, :, 1:])
         other = cache_for(4, store, version="v2")  # a model swap: the old entries are useless
         assert other.lookup(["a", "b"]).tolist() == [-1, -1]
         assert store.kv_get(["a", "b"]) == [None, None]
