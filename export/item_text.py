@@ -12,7 +12,7 @@ A text-aware bundle carries, besides the files of export/bundle.py:
     item_text_emb.npy  float32 [N + 1, TEXT_DIM]  (optional) the bundle items' embeddings,
                                                row 0 (padding) zero
 
-and names the rule its item texts were built with in `manifest.config["text"]["format"]`.
+and names the rule its item texts were built with in `manifest.config["text_format"]`.
 
 The text encoder itself (`streamrec export-text-encoder`, export/text_encoder.py) is a
 directory read by stream/text.py:

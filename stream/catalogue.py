@@ -32,7 +32,7 @@ from export.bundle import Bundle
 from export.item_text import TEXT_DIM, TEXT_FORMAT, TEXT_PROJ_B, TEXT_PROJ_W
 from stream.batch import dead_letter_headers, source_of
 from stream.codec import Invalid, ItemRecord, ItemTombstone, decode_item
-from stream.config import CodecLimits, KafkaSettings
+from stream.config import CodecLimits, KafkaSettings, ProcessorSettings
 from stream.errors import ConfigError, StreamError
 from stream.kafka.admin import partition_count
 from stream.kafka.clients import ClosingContext, DeliveryTracker, make_consumer, make_producer
@@ -48,6 +48,8 @@ class DeadLetterSink(Protocol):
     def send(self, msg: Message, invalid: Invalid) -> None: ...
 
     def flush(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ItemSink(Protocol):
@@ -74,8 +76,8 @@ class TextProjection:
         files = bundle.manifest.files
         if TEXT_PROJ_W not in files or TEXT_PROJ_B not in files:
             return None
-        text = bundle.manifest.config.get("text")
-        found = text.get("format", TEXT_FORMAT) if isinstance(text, dict) else TEXT_FORMAT
+        # The model config's text_format (model/config.py), as the manifest's config holds it.
+        found = bundle.manifest.config.get("text_format") or TEXT_FORMAT
         if found != TEXT_FORMAT:
             raise ConfigError(f"bundle item text format {found!r}; this build embeds {TEXT_FORMAT}")
         weight = np.load(bundle.path / TEXT_PROJ_W).astype(np.float32)  # (384, D)
@@ -186,19 +188,24 @@ class Catalogue:
         if self._projection is None or encoder is None:
             self._unplaced(len(item_ids))
             return
-        todo = [i for i in item_ids if self._runtime[i].embedding is None]
-        if todo:
-            started = time.perf_counter()
-            vectors = encoder.encode([self._runtime[i].text for i in todo])  # (m, 384)
-            for item_id, vector in zip(todo, vectors, strict=True):
-                self._runtime[item_id].embedding = vector
-            logger.info(
-                "embedded %d new items in %.0f ms",
-                len(todo),
-                1000 * (time.perf_counter() - started),
-            )
-        text_emb = np.stack([self._runtime[i].embedding for i in item_ids])  # type: ignore[misc]
-        self._sink.add_items(item_ids, self._projection(text_emb))  # (M, D)
+        try:
+            self._embed([i for i in item_ids if self._runtime[i].embedding is None], encoder)
+            text_emb = np.stack([self._runtime[i].embedding for i in item_ids])  # type: ignore[misc]
+            self._sink.add_items(item_ids, self._projection(text_emb))  # (M, D)
+        except StreamError as exc:
+            # A failed encoder run or a table that refuses the vectors: the clicks go on.
+            logger.error("could not place %d new items: %s", len(item_ids), exc)
+            self.metrics.items_unplaced.inc(len(item_ids))
+
+    def _embed(self, item_ids: list[str], encoder: TextEncoder) -> None:
+        if not item_ids:
+            return
+        started = time.perf_counter()
+        vectors = encoder.encode([self._runtime[i].text for i in item_ids])  # (m, 384)
+        for item_id, vector in zip(item_ids, vectors, strict=True):
+            self._runtime[item_id].embedding = vector
+        took_ms = 1000 * (time.perf_counter() - started)
+        logger.info("embedded %d new items in %.0f ms", len(item_ids), took_ms)
 
     def _encoder_or_none(self) -> TextEncoder | None:
         if self._encoder is None and not self._encoder_failed:
@@ -224,6 +231,24 @@ class Catalogue:
                 n,
                 why,
             )
+
+
+def follow_items(
+    settings: ProcessorSettings, metrics: ProcessorMetrics
+) -> CatalogueFollower | None:
+    """The processor's follower, or None when it is turned off or the topic does not exist."""
+    if not settings.follow_items:
+        return None
+    catalogue = Catalogue(settings.text_encoder, metrics, max(settings.onnx_threads, 1))
+    marker = settings.state_dir / "items-dlq-offsets.json"
+    dead_letters = ItemDeadLetters(settings.kafka, settings.topics.dlq, marker)
+    try:
+        return CatalogueFollower(
+            settings.kafka, settings.topics.items, catalogue, dead_letters, settings.limits
+        )
+    except ConfigError as exc:
+        logger.warning("new items at run time are off: %s", exc)
+        return None
 
 
 class CatalogueFollower(ClosingContext):
@@ -308,6 +333,7 @@ class CatalogueFollower(ClosingContext):
 
     def close(self) -> None:
         self._consumer.close()
+        self.dead_letters.close()
 
 
 class ItemDeadLetters:

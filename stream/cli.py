@@ -32,6 +32,7 @@ def _kafka_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clicks-topic")
     p.add_argument("--recs-topic")
     p.add_argument("--dlq-topic")
+    p.add_argument("--items-topic")
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def load_settings(args: argparse.Namespace, **flags: Any) -> ProcessorSettings:
         cli["kafka"] = {"bootstrap_servers": args.bootstrap_servers}
     topics = {
         name: getattr(args, f"{name}_topic", None)
-        for name in ("clicks", "recs", "dlq")
+        for name in ("clicks", "recs", "dlq", "items")
         if getattr(args, f"{name}_topic", None)
     }
     if getattr(args, "partitions", None):
@@ -145,6 +146,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         onnx_threads=args.onnx_threads,
         metrics_addr=args.metrics_addr,
         processing_guarantee=args.processing_guarantee,
+        text_encoder=args.text_encoder,
+        follow_items=False if args.no_follow_items else None,
+        explain=False if args.no_explain else None,
     )
     logger.info("kafka: %s", settings.kafka.redacted())
     if args.engine == "faust":
@@ -169,6 +173,27 @@ def cmd_forget(args: argparse.Namespace) -> int:
         f"forget request for {args.user_id} queued on {settings.topics.clicks}; the processor "
         "deletes the session and writes tombstones to the changelog and the output topic"
     )
+    return 0
+
+
+def cmd_items_publish(args: argparse.Namespace) -> int:
+    from stream.producer import ItemProducer
+
+    settings = load_settings(args)
+    genres = [g for g in (args.genres or "").split("|") if g.strip()]
+    with ItemProducer(settings.kafka, settings.topics.items, settings.limits) as items:
+        item = items.publish(args.item_id, args.title, genres, args.year)
+    print(f"published {item.item_id} on {settings.topics.items}: {item.text()!r}")
+    return 0
+
+
+def cmd_items_withdraw(args: argparse.Namespace) -> int:
+    from stream.producer import ItemProducer
+
+    settings = load_settings(args)
+    with ItemProducer(settings.kafka, settings.topics.items, settings.limits) as items:
+        items.withdraw(args.item_id)
+    print(f"withdrew {args.item_id} (a tombstone on {settings.topics.items})")
     return 0
 
 
@@ -285,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["at-least-once", "exactly-once"],
         help="at-least-once (default) or exactly-once (Kafka transactions; Apache Kafka only)",
     )
+    p.add_argument("--text-encoder", type=Path, help="exported text encoder for new items")
+    p.add_argument("--no-follow-items", action="store_true", help="ignore the items topic")
+    p.add_argument("--no-explain", action="store_true", help="no `because` per recommended item")
     p.add_argument(
         "--engine",
         choices=["default", "faust"],
@@ -297,6 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
     _kafka_args(p)
     p.add_argument("user_id")
     p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("items", help="the item catalogue topic: publish or withdraw items")
+    isub = p.add_subparsers(dest="items_command", required=True)
+    c = isub.add_parser("publish", help="publish an item (item schema v1); new ones go live")
+    _kafka_args(c)
+    c.add_argument("--item-id", required=True)
+    c.add_argument("--title", required=True)
+    c.add_argument("--genres", help='pipe-separated, e.g. "Action|Crime"')
+    c.add_argument("--year", type=int)
+    c.set_defaults(func=cmd_items_publish)
+    c = isub.add_parser("withdraw", help="withdraw an item (a tombstone)")
+    _kafka_args(c)
+    c.add_argument("item_id")
+    c.set_defaults(func=cmd_items_withdraw)
 
     p = sub.add_parser("models", help="models root: versioned bundles + CURRENT pointer")
     msub = p.add_subparsers(dest="models_command", required=True)

@@ -35,6 +35,7 @@ from stream.batch import (
     now_ms,
     source_of,
 )
+from stream.catalogue import CatalogueFollower, follow_items
 from stream.codec import (
     ClickEvent,
     Invalid,
@@ -44,6 +45,7 @@ from stream.codec import (
 )
 from stream.config import ProcessorSettings
 from stream.errors import DeliveryError, StreamError
+from stream.explain import SimilarityExplainer
 from stream.incremental import kv_cache_of, make_scorer, release_kv, score_batch
 from stream.itemtable import ItemTable
 from stream.kafka.admin import partition_count
@@ -83,10 +85,9 @@ class Processor:
         except BaseException:
             self.store.close()
             raise
+        # The items topic: new items enter the scoring table between batches.
+        self.items_follower: CatalogueFollower | None = follow_items(settings, self.metrics)
         self._use_bundle(self.source.bundle, self.scorer)
-        # Seam: when set, explain(best, item_seq, item_vectors) -> because (B, k) runs after
-        # top-k and each recommended item carries the window item that explains it.
-        self.explain: Explainer | None = None
         self.health.state_open = True
         self.stats = ProcessorStats()
         self.consumer: Consumer = make_consumer(
@@ -119,6 +120,13 @@ class Processor:
         self.items: ItemTable = getattr(scorer, "items", None) or ItemTable(bundle.item_ids, None)
         self.stride = bundle.step.stride if bundle.step is not None else 1  # the window rule
         self.max_len = self.settings.session_max_len or bundle.max_len
+        # Seam: when set, explain(best, item_seq, item_vectors) -> because (B, k) runs after
+        # top-k and each recommended item carries the window item that explains it.
+        has_vectors = self.items.view.bundle_vectors is not None
+        wanted = self.settings.explain and has_vectors
+        self.explain: Explainer | None = SimilarityExplainer() if wanted else None
+        if self.items_follower is not None:
+            self.items_follower.catalogue.attach(bundle, self.items)
         self.metrics.set_model(scorer.model_version)
         self.health.model_version = scorer.model_version
 
@@ -149,6 +157,8 @@ class Processor:
         )
         if self.exactly_once:
             self.delivery.producer.init_transactions(30)
+        if self.items_follower is not None:
+            self.items_follower.bootstrap(self.settings.items_bootstrap_s)
         self.consumer.subscribe(
             [topic],
             on_assign=self.assignment.on_assign,
@@ -168,6 +178,8 @@ class Processor:
             while not self._stop.is_set():
                 self.health.beat()
                 self._maybe_reload()
+                if self.items_follower is not None:
+                    self.items_follower.poll()
                 msgs = self._poll_batch()
                 if msgs:
                     self.process_batch(msgs)
@@ -198,6 +210,8 @@ class Processor:
         # close() leaves the group at once; a vanished member stalls the next join for ~80 s.
         self.delivery.producer.flush(10)
         self.consumer.close()
+        if self.items_follower is not None:
+            self.items_follower.close()
         release_kv(self.scorer, None)
         self.store.close()
         self.health.state_open = False

@@ -20,6 +20,8 @@ def topic_specs(topics: TopicSettings) -> list[NewTopic]:
         # Keyed by user: compaction keeps each user's latest list (downstream bootstraps from it).
         NewTopic(topics.recs, topics.partitions, rf, config={"cleanup.policy": "compact"}),
         NewTopic(topics.dlq, topics.partitions, rf),
+        # Keyed by item: compaction keeps each item's latest record; processors read it all.
+        NewTopic(topics.items, topics.partitions, rf, config={"cleanup.policy": "compact"}),
     ]
 
 

@@ -59,20 +59,21 @@ def test_topics_create_is_idempotent_and_compacts_the_output(kafka: KafkaSetting
     args = [
         "topics", "create", "--bootstrap-servers", kafka.bootstrap_servers,
         "--clicks-topic", f"c-{suffix}", "--recs-topic", f"r-{suffix}",
-        "--dlq-topic", f"d-{suffix}", "--partitions", "4",
+        "--dlq-topic", f"d-{suffix}", "--items-topic", f"i-{suffix}", "--partitions", "4",
     ]  # fmt: skip
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.count("created") == 3
+    assert first.stdout.count("created") == 4
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
-    assert second.stdout.count("exists") == 3
+    assert second.stdout.count("exists") == 4
     admin = AdminClient(kafka.librdkafka())
     md = admin.list_topics(timeout=10)
-    assert {len(md.topics[f"{p}-{suffix}"].partitions) for p in "crd"} == {4}
-    resource = ConfigResource(ConfigResource.Type.TOPIC, f"r-{suffix}")
-    configs = admin.describe_configs([resource])[resource].result(timeout=10)
-    assert configs["cleanup.policy"].value == "compact"
+    assert {len(md.topics[f"{p}-{suffix}"].partitions) for p in "crdi"} == {4}
+    for compacted in (f"r-{suffix}", f"i-{suffix}"):
+        resource = ConfigResource(ConfigResource.Type.TOPIC, compacted)
+        configs = admin.describe_configs([resource])[resource].result(timeout=10)
+        assert configs["cleanup.policy"].value == "compact"
 
 
 def test_replay_sends_the_requested_count_and_lag_sees_all_of_it(

@@ -62,7 +62,7 @@ def make_bundle(root: Path, *, text: bool = True, proj_dim: int = D, seed: int =
         model_name="test",
         model_version=f"test-{seed}",
         max_len=5,
-        config={"text": {"format": "title-genres/1"}} if text else {},
+        config={"text_dim": TEXT_DIM, "text_format": "title-genres/1"} if text else {},
         extra_files=extra,
     )
     return load_bundle(path)
@@ -192,7 +192,7 @@ def test_a_projection_that_does_not_fit_the_model_places_nothing(
 
 def test_a_bundle_with_an_unknown_text_format_is_refused(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path)
-    config = {**bundle.manifest.config, "text": {"format": "title-only/9"}}
+    config = {**bundle.manifest.config, "text_format": "title-only/9"}
     odd = replace(bundle, manifest=replace(bundle.manifest, config=config))
     with pytest.raises(ConfigError, match="title-only/9"):
         TextProjection.from_bundle(odd)
