@@ -171,8 +171,9 @@ def top_k(scores: FloatArray, item_seq: IntArray, k: int) -> tuple[IntArray, Flo
     np.put_along_axis(scores, item_seq, -np.inf, axis=1)
     scores[:, 0] = -np.inf
     k = min(k, scores.shape[1] - 1)
-    # argpartition is O(N) per row; only the k winners get sorted.
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    # argpartition is O(N) per row; only the k winners get sorted. (The k largest are the last
+    # k after partitioning at width - k: no negated copy of the whole score array.)
+    part = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:]
     part_scores = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-part_scores, axis=1, kind="stable")
     best = np.take_along_axis(part, order, axis=1)
@@ -336,25 +337,28 @@ def full_scores(scorer: Scorer, inputs: ModelInputs, view: TableView) -> Scored:
 
 
 def ranked_items(
-    best: IntArray,
-    best_scores: FloatArray,
+    best: Sequence[int] | IntArray,
+    best_scores: Sequence[float] | FloatArray,
     item_ids: Sequence[str],
-    because: IntArray | None = None,
+    because: Sequence[int] | IntArray | None = None,
 ) -> list[RecommendedItem]:
     """One row of top_k's result as the output schema's items (padding dropped).
 
     `because` (k,) is the explanation seam: for each recommended item, the index of the
-    window item that explains it (from the processor's `explain` hook; 0 = none). It is
-    mapped to an item id here; the output schema carries it once the codec emits it.
+    window item that explains it (from the processor's `explain` hook; 0 = none), mapped to its
+    id here. Rows may be numpy rows or lists (the processor converts the batch once: faster).
     """
+    best = best.tolist() if isinstance(best, np.ndarray) else best
+    scores = best_scores.tolist() if isinstance(best_scores, np.ndarray) else best_scores
     if because is None:
         return [
-            RecommendedItem(item_ids[int(i)], float(s), rank)
-            for rank, (i, s) in enumerate(zip(best, best_scores, strict=True), 1)
+            RecommendedItem(item_ids[i], s, rank)
+            for rank, (i, s) in enumerate(zip(best, scores, strict=True), 1)
             if i > 0
         ]
+    why = because.tolist() if isinstance(because, np.ndarray) else because
     return [
-        RecommendedItem(item_ids[int(i)], float(s), rank, item_ids[int(b)] if b > 0 else None)
-        for rank, (i, s, b) in enumerate(zip(best, best_scores, because, strict=True), 1)
+        RecommendedItem(item_ids[i], s, rank, item_ids[b] if b > 0 else None)
+        for rank, (i, s, b) in enumerate(zip(best, scores, why, strict=True), 1)
         if i > 0
     ]
