@@ -109,8 +109,10 @@ def test_run_refuses_a_missing_bundle_with_a_clear_error(tmp_path: Path) -> None
 def test_serving_imports_no_torch() -> None:
     code = (
         "import sys, stream.processor, stream.cli, stream.watch, stream.replay, stream.demo;"
+        "import stream.text, stream.catalogue, stream.explain;"
         "stream.cli.build_parser();"
-        "leaked = sorted(m for m in ('torch', 'tqdm', 'onnx') if m in sys.modules);"
+        "banned = ('torch', 'tqdm', 'onnx', 'transformers', 'sentence_transformers');"
+        "leaked = sorted(m for m in banned if m in sys.modules);"
         "assert not leaked, leaked"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
