@@ -29,8 +29,8 @@ from confluent_kafka import Message, Producer
 from export.bundle import Bundle, load_bundle
 from export.item_text import TEXT_DIM, TEXT_FORMAT
 from stream.catalogue import TextProjection
-from stream.codec import ItemRecord
-from stream.config import KafkaSettings, ProcessorSettings, TopicSettings
+from stream.codec import ItemRecord, ItemTombstone, decode_item
+from stream.config import CodecLimits, KafkaSettings, ProcessorSettings, TopicSettings
 from stream.kafka.admin import create_topics
 from stream.processor import Processor
 from stream.producer import ClickProducer, ItemProducer
@@ -291,3 +291,26 @@ def test_invalid_item_records_are_dead_lettered_once_across_restarts(
 
 def unplaced(processor: Processor) -> float:
     return processor.metrics.registry.get_sample_value("streamrec_items_unplaced_total") or 0.0
+
+
+def test_items_cli_publishes_and_withdraws(kafka: KafkaSettings) -> None:
+    from tests.integration.test_cli import run_cli
+
+    topic = f"items-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka, TopicSettings(items=topic, partitions=2))
+    common = ["--bootstrap-servers", kafka.bootstrap_servers, "--items-topic", topic]
+    published = run_cli(
+        "items", "publish", *common, "--item-id", "n7", "--title", "Heat", "--year", "1995",
+        "--genres", "Action|Crime",
+    )  # fmt: skip
+    assert published.returncode == 0, published.stderr
+    assert "Heat (1995). Genres: Action, Crime" in published.stdout
+    refused = run_cli("items", "publish", *common, "--item-id", " ", "--title", "Heat")
+    assert refused.returncode == 2 and "empty_field" in refused.stderr
+    withdrawn = run_cli("items", "withdraw", *common, "n7")
+    assert withdrawn.returncode == 0, withdrawn.stderr
+    with TopicReader(kafka, topic) as reader:
+        records = reader.read_until(lambda m: len(m) >= 2)
+    limits = CodecLimits()
+    decoded = [decode_item(m.key(), m.value(), limits) for m in records]
+    assert decoded == [ItemRecord("n7", "Heat", ("Action", "Crime"), 1995), ItemTombstone("n7")]
