@@ -7,6 +7,12 @@ bundle and scored again through onnxruntime (the serving path) to state the diff
 
     python -m benchmarks.eval --data-root ../shared/data --out benchmarks/results/eval.json
     python -m benchmarks.eval --quick ...   # CI-sized: synthetic data + a short ML-1M smoke
+    python -m benchmarks.eval --sections cold time   # only issue 5's sections
+
+Sections: "models" (every model and baseline, eval.json), "cold" (cold-start items and the
+text-aware SASRec, benchmarks/eval_cold.py, eval_cold.json), "time" (time-aware against plain
+SASRec on timestamped MovieLens, benchmarks/eval_time.py, eval_time.json). Each writes its own
+JSON, PNG and BENCHMARKS.md block, so one can be re-run without touching the others.
 
 The data stay where they are (GroupLens forbids redistribution): runs, checkpoints and
 bundles go under --work (default .eval/, git-ignored); only metrics land in the repo.
@@ -28,7 +34,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.eval_report import plot_curves, update_benchmarks_md
+from benchmarks import eval_cold, eval_time
+from benchmarks.eval_report import (
+    plot_curves,
+    plot_section,
+    update_benchmarks_md,
+    update_section_md,
+)
 from benchmarks.meta import run_metadata
 from model.baselines import ALS, ALSConfig, ItemKNN, ItemKNNConfig, Popularity
 from model.config import SASRecConfig, TrainConfig
@@ -37,6 +49,8 @@ from model.evaluate import ScoreFn, evaluate_scores_fn
 from model.train import load_checkpoint, model_from_checkpoint, train
 
 logger = logging.getLogger(__name__)
+
+SECTIONS = ("models", "cold", "time")
 
 KNN_LAST = [{"window": w, "alpha": a} for w in (1, 3) for a in (0.5, 0.8, 1.0)]
 KNN_SESSION = [{"session": s, "decay": d, "alpha": 0.8} for s in (5, 10, 20) for d in (0.6, 0.8)]
@@ -260,12 +274,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", help="data set names to run (default: all of the plan)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-md", action="store_true", help="do not update BENCHMARKS.md")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
-    plans = QUICK if args.quick else FULL
     if args.quick:  # never overwrite the full run's checkpoints and bundles
         args.work = args.work / "quick"
+    written: list[Path | None] = []
+    if "models" in args.sections:
+        written += run_models(args)
+    for name in ("cold", "time"):
+        if name in args.sections:
+            written += run_section(name, args)
+    print(f"eval: wrote {', '.join(str(p) for p in written if p is not None)}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> list[Path | None]:
+    plans = QUICK if args.quick else FULL
     started = time.time()
     report: dict[str, Any] = {
         **run_metadata(),
@@ -291,9 +317,41 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick and not args.no_md:
         update_benchmarks_md(report, Path("BENCHMARKS.md"), args.out, curves)
         written.append(Path("BENCHMARKS.md"))
-    names = ", ".join(str(p) for p in written if p is not None)
-    print(f"eval: wrote {names} in {report['total_seconds']:.0f} s")
-    return 0
+    logger.info("models section done in %.0f s", report["total_seconds"])
+    return written
+
+
+def run_section(name: str, args: argparse.Namespace) -> list[Path | None]:
+    """One of issue 5's sections: its own JSON (OUT_<name>.json), PNG and BENCHMARKS.md block."""
+    module: Any = eval_cold if name == "cold" else eval_time
+    plan = module.QUICK if args.quick else module.FULL
+    started = time.time()
+    report: dict[str, Any] = {
+        **run_metadata(),
+        "section": name,
+        "threads": args.threads,
+        "quick": args.quick,
+        "dirty": _dirty(),
+        "cpu": machine(),
+    }
+    spec = data_spec(name, plan, args.data_root, args.work)
+    if spec is None:
+        report["skipped"] = f"{args.data_root / plan.file} not found"
+    else:
+        work = args.work / "runs" / name
+        runner = module.run_cold if name == "cold" else module.run_time
+        report["result"] = runner(load_dataset(spec), plan, work, args.threads)
+    report["cpu"]["load_average_end"] = list(_loadavg())
+    report["total_seconds"] = time.time() - started
+    out = args.out.with_name(f"{args.out.stem}_{name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    png = plot_section(report, out.with_suffix(".png"))
+    written = [out, png]
+    if not args.quick and not args.no_md and "result" in report:
+        update_section_md(report, Path("BENCHMARKS.md"), out, png)
+        written.append(Path("BENCHMARKS.md"))
+    return written
 
 
 def run_dataset(name: str, spec: str, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:

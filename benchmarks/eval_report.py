@@ -137,3 +137,165 @@ def update_benchmarks_md(report: dict[str, Any], md: Path, json_path: Path, png:
     else:
         text = f"{text.rstrip()}\n\n{SECTION}\n\n{block}\n"
     md.write_text(text, encoding="utf-8")
+
+
+# -- issue 5's sections: cold-start items, time ------------------------------------------------
+SECTION_MARKERS = {
+    "cold": ("### Cold-start items and the text-aware SASRec", "eval-cold"),
+    "time": ("### Time-aware SASRec", "eval-time"),
+}
+
+
+def plot_section(report: dict[str, Any], path: Path) -> Path | None:
+    """cold: HR@10 / NDCG@10 on cold and warm test cases per model; time: validation NDCG@10
+    by epoch of both runs."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    result = report.get("result")
+    if not result:
+        return None
+    if report["section"] == "cold":
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        names = [r["model"] for r in result["rows"]]
+        for ax, group in zip(axes, ("cold", "warm"), strict=True):
+            for shift, metric in ((-0.2, "hr@10"), (0.2, "ndcg@10")):
+                values = [r[group]["test"][metric] for r in result["rows"]]
+                ax.bar([i + shift for i in range(len(names))], values, width=0.4, label=metric)
+            ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+            ax.set(title=f"{group} test cases", ylabel="test metric")
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend()
+        axes[0].axhline(result["chance_hr@10"], color="gray", ls=":", label="chance HR@10")
+    else:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for row in result["rows"]:
+            if "history" in row:
+                epochs = [h["epoch"] for h in row["history"]]
+                ax.plot(epochs, [h["valid_ndcg@10"] for h in row["history"]], marker=".",
+                        label=row["model"])  # fmt: skip
+        ax.set(title="timestamped ML-1M users 1-2999", xlabel="epoch", ylabel="valid NDCG@10")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _meta_lines(report: dict[str, Any], json_path: Path, png: Path | None) -> list[str]:
+    cpu = report["cpu"]
+    return [
+        f"- command: `{report['command']}`, {report['total_seconds'] / 60:.1f} min",
+        f"- machine: {report['machine']}; {cpu['cpu']}, torch {cpu['torch']}, "
+        f"{report.get('threads', 2)} threads; load average at start {cpu['load_average']}, at end "
+        f"{cpu.get('load_average_end')} (the box is shared with other work)",
+        f"- date: {report['date']}; commit `{report['commit']}`"
+        + (" (with uncommitted changes)" if report["dirty"] else ""),
+        f"- results: [`{json_path}`]({json_path})"
+        + (f"; plot: ![{png.stem}]({png})" if png else ""),
+    ]
+
+
+def _f(metrics: dict[str, float], key: str) -> str:
+    return f"{metrics[key]:.4f}"
+
+
+def render_cold(report: dict[str, Any], json_path: Path, png: Path | None) -> str:
+    res = report["result"]
+    cases, rows = res["cases"], res["rows"]
+    sasrec = [r for r in rows if "config" in r and "train_seconds" in r]
+    cfg = sasrec[0]["config"] if sasrec else {}
+    lines = [
+        f"A seeded {res['description']['cold_start']['fraction']:.0%} of the items "
+        f"({res['held_out_items']:,}) is held out of training entirely (removed from every "
+        "training sequence, `model.data.cold_start_split`). Test cases are split by their target: "
+        f"**cold** ({cases['cold']['test']:,} users whose test item is held out) and **warm** "
+        f"({cases['warm']['test']:,}). Full ranking over all items, history masked, pessimistic "
+        "ties. Settings (text-kNN's window, the text variant) were chosen on validation.",
+        "",
+        "| model | cold HR@10 | cold NDCG@10 | warm HR@10 | warm NDCG@10 | cold valid NDCG@10 "
+        "| train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "0"
+        cold, warm = r["cold"]["test"], r["warm"]["test"]
+        cells = [r["model"], _f(cold, "hr@10"), _f(cold, "ndcg@10"), _f(warm, "hr@10")]
+        cells += [_f(warm, "ndcg@10"), _f(r["cold"]["valid"], "ndcg@10"), secs]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"A random ranking would give cold HR@10 {res['chance_hr@10']:.4f}."]
+    overall = [r for r in rows if "overall" in r]
+    if len(overall) == 2:
+        base, text = (r["overall"]["test"] for r in overall)
+        rel = {k: text[k] / base[k] - 1.0 for k in ("hr@10", "ndcg@10")}
+        lines += [
+            "",
+            "Warm check on the standard split (no items held out), same budget for both: "
+            + "; ".join(
+                f"{r['model']} test HR@10 {_f(r['overall']['test'], 'hr@10')} / NDCG@10 "
+                f"{_f(r['overall']['test'], 'ndcg@10')}"
+                for r in overall
+            )
+            + f"; text against ID-only: HR@10 {rel['hr@10']:+.1%}, NDCG@10 {rel['ndcg@10']:+.1%} "
+            "(the issue allows at most -2%).",
+        ]
+    if cfg:
+        lines += [
+            "",
+            f"Budget of every SASRec run: max_len {cfg['max_len']}, d {cfg['d_model']}, "
+            f"{cfg['epochs']} epochs (warmup + cosine, lr {cfg['lr']}, windows {cfg['windows']}); "
+            f"text variant: {sasrec[-1]['config'].get('text_combine')}, id_dropout "
+            f"{sasrec[-1]['config'].get('id_dropout')}.",
+        ]
+    return "\n".join([*lines, "", *_meta_lines(report, json_path, png)])
+
+
+def render_time(report: dict[str, Any], json_path: Path, png: Path | None) -> str:
+    res = report["result"]
+    lines = [
+        f"MovieLens users 1-2999 with their real timestamps ({res['description']['num_users']:,} "
+        f"users, {res['description']['num_items']:,} items, "
+        f"{res['description']['num_interactions']:,} ratings), ordered by time per user, "
+        "leave-one-out, full ranking. Both SASRec runs share every setting, the seed and the "
+        "budget; only the time features differ.",
+        "",
+        "| model | test HR@10 | test NDCG@10 | test MRR | valid NDCG@10 | train s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "0"
+        t = r["test"]
+        cells = [r["model"], _f(t, "hr@10"), _f(t, "ndcg@10"), _f(t, "mrr")]
+        lines.append("| " + " | ".join([*cells, _f(r["valid"], "ndcg@10"), secs]) + " |")
+    diff = res["time_minus_plain_test"]
+    verdict = "helps" if diff["ndcg@10"] > 0 and diff["hr@10"] > 0 else "does not help"
+    lines += [
+        "",
+        f"Time minus no time on test: HR@10 {diff['hr@10']:+.4f}, NDCG@10 {diff['ndcg@10']:+.4f}, "
+        f"MRR {diff['mrr']:+.4f}: in this run time {verdict}.",
+    ]
+    return "\n".join([*lines, "", *_meta_lines(report, json_path, png)])
+
+
+def update_section_md(report: dict[str, Any], md: Path, json_path: Path, png: Path | None) -> None:
+    """Replace (or add, after the models block) the generated block of one issue-5 section."""
+    heading, tag = SECTION_MARKERS[report["section"]]
+    render = render_cold if report["section"] == "cold" else render_time
+    begin = f"<!-- {tag}:begin (generated by `make eval`; edit benchmarks/eval_report.py) -->"
+    end = f"<!-- {tag}:end -->"
+    block = f"{begin}\n{render(report, json_path, png)}\n{end}"
+    text = md.read_text(encoding="utf-8") if md.is_file() else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:  # a new subsection at the end of the Model quality section
+        start = text.find(SECTION)
+        cut = text.find("\n## ", start + 1) if start >= 0 else -1
+        cut = len(text) if cut < 0 else cut + 1
+        text = f"{text[:cut].rstrip()}\n\n{heading}\n\n{block}\n\n{text[cut:]}".rstrip() + "\n"
+    md.write_text(text, encoding="utf-8")

@@ -15,9 +15,13 @@ back, so two forwards before one backward simply allocate a second one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from model.sasrec import SASRec
 
 _spare: list[torch.Tensor] = []  # at most one idle (T * C,) float32 buffer
 
@@ -104,3 +108,37 @@ def full_softmax_ce(
         hidden, weight, targets, target_weights.to(hidden.dtype), float(smoothing)
     )
     return out
+
+
+def sequence_loss(
+    model: SASRec,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float = 0.0,
+    future: int = 1,
+    future_decay: float = 0.5,
+    times: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean full-softmax cross-entropy over every non-padding target of (B, L) windows.
+
+    With future > 1 each position learns a distribution over the next `future` items of its
+    window, weighted future_decay^j for the item j + 1 steps ahead: one softmax, several
+    targets, so the extra signal costs almost nothing. `times` (B, L) epoch seconds feed a
+    time-aware model."""
+    hidden = model(inputs, times)  # (B, L, D)
+    real = targets.reshape(-1) != 0  # (B * L,)
+    ahead = [targets] + [F.pad(targets[:, j:], (0, j)) for j in range(1, future)]
+    upcoming = torch.stack(ahead, dim=-1).reshape(-1, future)[real]  # (T, K)
+    weights = (future_decay ** torch.arange(future, dtype=hidden.dtype)) * (upcoming != 0)
+    output = model.item_vectors()  # (N + 1, D), the tied output layer
+    columns = model.softmax_items()
+    if columns is not None:  # a softmax over some items only: targets renumbered to its columns
+        output = output[columns]  # (C, D)
+        renumber = torch.zeros(len(model.item_emb.weight), dtype=torch.int64)
+        renumber[columns] = torch.arange(len(columns))
+        upcoming = renumber[upcoming]  # (T, K); targets are always among the columns
+    # Only real positions get logits: gathering (T, D) hidden rows is cheap and skips ~40% of
+    # the output layer on padded windows (DESIGN.md).
+    rows = hidden.reshape(-1, hidden.shape[-1])[real]  # (T, D)
+    weights = weights / weights.sum(dim=1, keepdim=True)  # (T, K)
+    return full_softmax_ce(rows, output, upcoming, label_smoothing, weights)

