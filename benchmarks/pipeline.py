@@ -1,31 +1,47 @@
-"""`make bench` (foundation profile): the bare model ceiling and the end-to-end drain rate.
+"""`make bench`: the bare model ceiling and the end-to-end drain rate, per inference mode.
 
 End to end: N clicks are preloaded on a fresh embedded broker, then one processor (same
 process, 1 onnxruntime thread) drains them; the rate is events / time from the first batch to
-the last commit. Results go to JSON; BENCHMARKS.md summarises them with command, machine, date.
+the last commit. Each inference mode (full re-encode, incremental step/prefill) runs on two
+workloads: the replay in time order (bursty sessions: ~10 clicks per scored user per batch) and
+a steady state of many users whose sessions (and K/V) are warm, one click per user per batch,
+as live traffic over many users. `--profile DIR` writes a cProfile of the processor thread per
+run; score_stages (benchmarks/stages.py) breaks the scoring path down per event. Results go
+to JSON; BENCHMARKS.md summarises them.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
+import random
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.meta import run_metadata, write_result
-from export.bundle import load_bundle
+from benchmarks.stages import score_stages
+from export.bundle import Bundle, load_bundle
+from stream.batch import now_ms
 from stream.broker import EmbeddedBroker
+from stream.codec import ClickEvent
 from stream.config import KafkaSettings, ProcessorSettings, TopicSettings
+from stream.incremental import IncrementalScorer
 from stream.kafka.admin import create_topics
 from stream.processor import Processor
 from stream.producer import ClickProducer
 from stream.replay import iter_source
-from stream.scoring import OnnxScorer
+from stream.scoring import OnnxScorer, session_inputs
+from stream.state import Session
 
 
 def _streamrec(*args: str) -> None:
@@ -62,14 +78,73 @@ def model_ceiling(bundle: Path, seconds: float = 3.0) -> dict[str, float]:
     return out
 
 
-def end_to_end(bundle: Path, events: int, partitions: int = 6) -> dict[str, float]:
+def steady_clicks(
+    bundle: Bundle, users: int, events: int, partitions: int
+) -> tuple[list[ClickEvent], dict[str, Session]]:
+    """Live traffic over many users, in steady state: `users` sessions of 30-80 clicks that are
+    already in the store, then `events` new clicks round robin over the users (one per user
+    per round: a poll batch holds ~one click per user). Sessions carry the partition the
+    default partitioner (CRC32 of the key) gives their user, as the processor's would."""
+    rng = random.Random(0)
+    items, L, now = bundle.item_ids[1:], bundle.max_len, now_ms()
+    names = [f"user-{u:06d}" for u in range(users)]
+    sessions = {}
+    for user in names:
+        s, partition = Session(), zlib.crc32(user.encode()) % partitions
+        for k in range(rng.randint(30, 80)):
+            s.append(rng.choice(items), now - 60_000, partition, k - 1_000_000, L)
+        sessions[user] = s
+    clicks = [
+        ClickEvent(user, rng.choice(items), now)
+        for _ in range(max(1, events // users))
+        for user in names
+    ]
+    return clicks, sessions
+
+
+def warm_up(processor: Processor, sessions: dict[str, Session], batch: int = 2000) -> None:
+    """Sessions into the store and, incremental, their K/V into the cache, as a processor that
+    has been running holds them; the counters start afterwards."""
+    processor.store.write(dict(sessions), {})
+    scorer = processor.scorer
+    if not isinstance(scorer, IncrementalScorer):
+        return
+    names, view = list(sessions), processor.items.view
+    for lo in range(0, len(names), batch):
+        users = names[lo : lo + batch]
+        chunk = [sessions[u] for u in users]
+        inputs = session_inputs(chunk, view, scorer.max_len, processor.stride)
+        scorer.score_sessions(users, chunk, inputs, view)
+    scorer.rows.clear()
+    scorer.timings.clear()
+    scorer.cache.stats.clear()
+
+
+def end_to_end(
+    bundle: Path,
+    events: int,
+    *,
+    inference: str = "auto",
+    workload: str = "time",
+    users: int = 12_000,
+    partitions: int = 6,
+    profile: Path | None = None,
+) -> dict[str, float]:
+    """Drain rate of one processor over preloaded clicks. workload "time": the synthetic
+    replay's first `events` clicks in time order (a session's clicks come in bursts: ~10 per
+    scored user per batch); "steady": steady_clicks. With `profile`, a cProfile of the
+    processor thread goes there (pstats text)."""
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as state:
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
         topics = TopicSettings(partitions=partitions)
         create_topics(kafka, topics)
-        source = iter_source("synthetic")
+        sessions: dict[str, Session] = {}
+        if workload == "time":
+            clicks = list(islice(iter_source("synthetic"), events))
+        else:
+            clicks, sessions = steady_clicks(load_bundle(bundle), users, events, partitions)
         with ClickProducer(kafka, topics.clicks) as producer:
-            for _, event in zip(range(events), source, strict=False):
+            for event in clicks:
                 producer.send_event(event)
         settings = ProcessorSettings(
             kafka=kafka,
@@ -78,28 +153,68 @@ def end_to_end(bundle: Path, events: int, partitions: int = 6) -> dict[str, floa
             state_dir=Path(state),
             log_every_s=3600,
             metrics_addr="",
+            inference=inference,  # type: ignore[arg-type]
+            # Every user's K/V in memory (~26 KB each at d=64, L=50): the hot regime.
+            kv_cache_mb=max(256.0, len(sessions) * 0.03),
         )
         processor = Processor(settings)
-        thread = threading.Thread(target=processor.run)
-        thread.start()
-        while processor.stats.consumed == 0:
-            time.sleep(0.001)
-        start = time.perf_counter()
-        deadline = time.monotonic() + 600
-        while processor.stats.consumed < events and time.monotonic() < deadline:
-            time.sleep(0.005)
-        elapsed = time.perf_counter() - start
-        stats = processor.stats
-        processor.stop()
-        thread.join()
-        batches = max(stats.batches, 1)
-        return {
-            "events": float(stats.consumed),
-            "events_per_s": stats.consumed / elapsed,
-            "batches": float(stats.batches),
-            "mean_batch": stats.consumed / batches,
-            **{f"{k}_ms_per_batch": 1000 * v / batches for k, v in stats.stage_s.items()},
-        }
+        warm_up(processor, sessions)
+        return drain(processor, len(clicks), profile)
+
+
+def drain(processor: Processor, events: int, profile: Path | None) -> dict[str, float]:
+    profiler = cProfile.Profile() if profile else None
+
+    def run() -> None:
+        if profiler is not None:
+            profiler.enable()
+        processor.run()
+        if profiler is not None:
+            profiler.disable()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    while processor.stats.consumed == 0:
+        time.sleep(0.001)
+    start = time.perf_counter()
+    deadline = time.monotonic() + 600
+    while processor.stats.consumed < events and time.monotonic() < deadline:
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - start
+    stats = processor.stats
+    processor.stop()
+    thread.join()
+    if profiler is not None and profile is not None:
+        write_profile(profiler, profile, stats.consumed)
+    batches = max(stats.batches, 1)
+    return {
+        "events": float(stats.consumed),
+        "events_per_s": stats.consumed / elapsed,
+        "batches": float(stats.batches),
+        "mean_batch": stats.consumed / batches,
+        **{f"{k}_ms_per_batch": 1000 * v / batches for k, v in stats.stage_s.items()},
+        **incremental_figures(processor.scorer, stats.consumed),
+    }
+
+
+def incremental_figures(scorer: object, events: int) -> dict[str, float]:
+    """Step/prefill rows and the incremental path's own stages, µs per event."""
+    if not isinstance(scorer, IncrementalScorer):
+        return {}
+    out = {f"rows_{k}": float(v) for k, v in scorer.rows.items()}
+    out |= {f"{k}_us_per_event": 1e6 * v / max(events, 1) for k, v in scorer.timings.items()}
+    out |= {f"cache_{k}": float(v) for k, v in scorer.cache.stats.items()}
+    return out
+
+
+def write_profile(profiler: cProfile.Profile, path: Path, events: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    text.write(f"{events} events\n")
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats(60)
+    path.write_text(text.getvalue())
 
 
 def main() -> int:
@@ -108,14 +223,39 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--train-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--inference", nargs="+", choices=("full", "incremental"),
+        default=["full", "incremental"], help="processor modes to measure, one run each",
+    )  # fmt: skip
+    parser.add_argument(
+        "--workload", nargs="+", choices=("time", "steady"), default=["time", "steady"],
+        help="time: the replay in time order (bursty sessions); steady: many users with warm "
+        "state, one click per user per batch",
+    )  # fmt: skip
+    parser.add_argument("--users", type=int, default=12_000, help="users of the steady workload")
+    parser.add_argument("--profile", type=Path, help="directory for cProfile text per run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         bundle = ensure_bundle(Path(work), args.bundle, args.train_seconds)
+        runs = {}
+        for workload in args.workload:
+            for mode in args.inference:
+                name = f"{mode}_{workload}"
+                profile = args.profile / f"{name}.txt" if args.profile else None
+                runs[name] = end_to_end(
+                    bundle, args.events, inference=mode, workload=workload, users=args.users,
+                    profile=profile,
+                )  # fmt: skip
         result = {
             **run_metadata(),
             "model": load_bundle(bundle).manifest.config,
             "model_ceiling_seq_per_s": model_ceiling(bundle),
-            "end_to_end": end_to_end(bundle, args.events),
+            # The scoring path's stages per event, incremental steady state, 2,000 users.
+            "score_stages": score_stages(bundle),
+            # The default engine as it runs out of the box (incremental when the bundle has a
+            # step model) on the replay in time order: what benchmarks.latency reads.
+            "end_to_end": runs.get("incremental_time") or next(iter(runs.values())),
+            "runs": runs,
         }
     write_result(args.out, result)
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -49,9 +50,10 @@ class TableView:
         """Columns of a score row: N + 1 + M."""
         return len(self.ids)
 
-    @property
+    @cached_property
     def vectors(self) -> FloatArray:
-        """(N + 1 + M, D): every item's vector, as `explain` hooks receive them."""
+        """(N + 1 + M, D): every item's vector, as `explain` hooks receive them (one array per
+        view, so a hook may cache what it derives from it)."""
         if self.bundle_vectors is None:
             raise ScoringError("the bundle has no item_vectors.npy; re-export the model")
         if not len(self.runtime):

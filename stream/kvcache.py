@@ -18,7 +18,10 @@ only if it changed since it was last written; never per click. A step changes 51
 ~25 KB entry (d=64, 2 blocks, L=50), so per-click write-through would write 25 KB per event,
 or 512 bytes plus a key per event with per-position keys, for data that can be rebuilt; with
 write-back an active user costs nothing and a returning user one read instead of a prefill.
-A model swap or a start with another bundle drops the whole family (kv_reset).
+Measured on the shared 2-core box (12k entries of ~19 KB): reading one back costs 16-27 µs,
+a prefill row 100-300 µs; writing costs ~100 µs an entry (RocksDB flushes at ~190 MB/s here),
+so closing with a full 256 MB cache takes 1-2 s. A model swap or a start with another bundle
+drops the whole family (kv_reset).
 """
 
 from __future__ import annotations

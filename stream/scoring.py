@@ -19,7 +19,7 @@ import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -214,20 +214,22 @@ def session_inputs(
     left out of the window; runtime items stay in `seen`.
     """
     index, n_model = view.index, view.num_model
+    lookup = index.get
     plain = view.width == n_model  # no runtime items: every known index embeds
     seen_rows: list[list[int]] = []
     windows: list[list[int]] = []
     starts = np.empty(len(sessions), dtype=np.int64)
     for row, s in enumerate(sessions):
         items = s.items
-        known = [index[i] for i in items if i in index]
+        found = list(map(lookup, items))  # one C-level pass; None only after a swap
+        known = cast(list[int], found) if None not in found else [j for j in found if j]
         count = max(s.count, len(items))
         w = min(window_len(count, max_len, stride), len(items))
         if plain and len(known) == len(items):
             window = known[len(known) - w :]
         else:
-            tail = (index[i] for i in items[len(items) - w :] if i in index)
-            window = [j for j in tail if j < n_model]
+            tail = map(lookup, items[len(items) - w :])
+            window = [j for j in tail if j is not None and j < n_model]
         seen_rows.append(known)
         windows.append(window)
         starts[row] = count - w
