@@ -21,12 +21,13 @@ from export.bundle import load_bundle
 from export.step_export import STEP_RTOL
 from stream.config import KafkaSettings, ProcessorSettings, TopicSettings
 from stream.errors import ScoringError
-from stream.incremental import IncrementalScorer
+from stream.incremental import IncrementalScorer, make_scorer
 from stream.kafka.admin import create_topics
 from stream.scoring import OnnxScorer, full_scores, session_inputs
 from stream.state import RocksSessionStore, Session
 from tests.integration.conftest import RunningProcessor
 from tests.integration.kafka_utils import TopicReader
+from tests.integration.test_ops import _copy_as_version
 from tests.integration.test_pipeline import Clicks, caught_up, make_clicks, send
 
 Record = dict[str, object]
@@ -255,3 +256,26 @@ def by_user_latest(messages: list[Message]) -> dict[str, Record]:
         record = orjson.loads(msg.value() or b"{}")
         out[record["user_id"]] = record
     return out
+
+
+def test_a_model_swap_starts_from_an_empty_cache_and_rocksdb_forgets_the_old_one(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    v2 = _copy_as_version(bundle_dir, tmp_path / "staging", "v2")
+    store = RocksSessionStore(tmp_path / "s")
+    try:
+        old = make_scorer(load_bundle(bundle_dir), ProcessorSettings(), store)
+        assert isinstance(old, IncrementalScorer)
+        histories = {f"u{k}": [k + 1, k + 2, k + 3] for k in range(4)}
+        sessions = sessions_of(histories, old.max_len, old.bundle.item_ids)
+        view = old.items.view
+        inputs = session_inputs(sessions, view, old.max_len, old.stride)
+        old.score_sessions(list(histories), sessions, inputs, view)
+        old.cache.flush()
+        assert all(store.kv_get(list(histories)))
+        new = make_scorer(load_bundle(v2), ProcessorSettings(), store)  # as _maybe_reload does
+        assert isinstance(new, IncrementalScorer) and len(new.cache) == 0
+        assert store.kv_get(list(histories)) == [None] * 4
+        assert new.cache.lookup(list(histories)).tolist() == [-1] * 4
+    finally:
+        store.close()
