@@ -22,7 +22,7 @@ import numpy as np
 from model.baselines import Popularity, TextKNN, TextKNNConfig
 from model.config import SASRecConfig, TrainConfig
 from model.data import SequenceDataset, Split, by_target, cold_start_split, train_sequences
-from model.evaluate import evaluate_model, evaluate_scores_fn
+from model.evaluate import ScoreFn, evaluate_model, evaluate_scores_fn, torch_score_fn
 from model.text import TEXT_DIM, TEXT_ENCODER, TEXT_FORMAT, text_table
 from model.train import load_checkpoint, model_from_checkpoint, train
 
@@ -47,16 +47,17 @@ class ColdPlan:
     overall: bool = True  # also train both variants on the standard split (warm check)
 
 
-BUDGET = {  # issue 4's recipe, horizon fitted to a few minutes
+# Issue 4's recipe on a budget of a few minutes: a fixed number of epochs (not a time budget),
+# so a busy box cannot give one variant more training than the other; max_seconds only caps it.
+BUDGET = {
     "batch_size": 128,
     "schedule": "cosine",
     "warmup_epochs": 1.0,
     "windows": "all",
     "patience": 1000,
-    "fit_epochs": True,
-    "epochs": 40,
+    "epochs": 5,  # ~41 s each on 2 quiet cores at max_len 200 (issue 4's pace)
     "lr": 6e-3,
-    "max_seconds": 240.0,
+    "max_seconds": 1500.0,
 }
 FULL = ColdPlan(
     "sasrec/ml-1m.txt",
@@ -90,6 +91,20 @@ def score_subsets(
         group: {s: evaluate_scores_fn(score, d, s, max_len) for s, d in by_split.items()}
         for group, by_split in parts.items()
     }
+
+
+def among(score: ScoreFn, held: np.ndarray, num_items: int) -> ScoreFn:
+    """score restricted to the held-out items (the others never outrank the target): how well
+    a model orders the new items among themselves, whatever it thinks of the known ones."""
+    known = np.ones(num_items + 1, dtype=bool)
+    known[held] = False
+
+    def restricted(windows: np.ndarray) -> np.ndarray:
+        scores = np.array(score(windows), dtype=np.float32)  # (B, N + 1), a copy
+        scores[:, known] = -np.inf
+        return scores
+
+    return restricted
 
 
 def chance(parts: dict[str, dict[str, SequenceDataset]], k: int = 10) -> float:
@@ -134,12 +149,15 @@ def run_cold(ds: SequenceDataset, plan: ColdPlan, work: Path, threads: int) -> d
     pop = Popularity(train_sequences(cold_ds), ds.num_items)
     rows.append({"model": "popularity", **score_subsets(pop.score_fn, parts, 1)})
     rows.append(text_knn(texts, parts))
+    for row, (fn, max_len) in zip(rows, [(pop.score_fn, 1), _knn_fn(texts, rows[1])], strict=True):
+        row["cold_among_held_out"] = _among(fn, held, parts, max_len)
     variants = {"SASRec (ID only)": {}, "SASRec + text": {**TEXT, **plan.text}}
     for name, extra in variants.items():
         tag = "text" if extra else "id"
         model = {**plan.model, **extra}
         net, row = run_sasrec(name, cold_ds, model, plan.train, work / f"cold-{tag}", threads)
         rows.append({**row, **{g: _model_metrics(net, p) for g, p in parts.items()}})
+        rows[-1]["cold_among_held_out"] = _among(torch_score_fn(net), held, parts, net.cfg.max_len)
         if plan.overall:
             net, full = run_sasrec(name, ds, model, plan.train, work / f"full-{tag}", threads)
             row["overall"] = {s: evaluate_model(net, ds, s) for s in SPLITS}
@@ -153,6 +171,18 @@ def run_cold(ds: SequenceDataset, plan: ColdPlan, work: Path, threads: int) -> d
         "chance_hr@10": chance(parts),
         "rows": rows,
     }
+
+
+def _among(
+    fn: ScoreFn, held: np.ndarray, parts: dict[str, dict[str, SequenceDataset]], max_len: int
+) -> dict[str, Any]:
+    ds = parts["cold"]["test"]
+    return {"test": evaluate_scores_fn(among(fn, held, ds.num_items), ds, "test", max_len)}
+
+
+def _knn_fn(texts: np.ndarray, row: dict[str, Any]) -> tuple[ScoreFn, int]:
+    knn = TextKNN(texts, TextKNNConfig(**row["config"]))
+    return knn.score_fn, knn.max_len
 
 
 def _model_metrics(net: Any, by_split: dict[str, SequenceDataset]) -> dict[str, Any]:

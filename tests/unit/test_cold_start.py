@@ -136,3 +136,16 @@ def test_time_aware_evaluation_passes_windows_and_their_times():
 
     result = evaluate_scores_fn(score, ds, "test", max_len=6, with_time=True)  # type: ignore[arg-type]
     assert sum(seen_rows) == result["users"] == 8
+
+
+def test_among_held_out_ranks_against_the_held_out_items_only():
+    from benchmarks.eval_cold import among
+
+    def score(windows: np.ndarray) -> np.ndarray:
+        return np.tile(np.arange(6, dtype=np.float32)[::-1], (len(windows), 1))  # 5, 4, ..., 0
+
+    restricted = among(score, np.array([3, 5]), num_items=5)
+    out = restricted(np.zeros((2, 4), np.int64))
+    assert np.isneginf(out[:, [0, 1, 2, 4]]).all()
+    np.testing.assert_array_equal(out[:, [3, 5]], [[2, 0], [2, 0]])
+    assert score(np.zeros((1, 4), np.int64))[0, 1] == 4  # the wrapped function's output is kept
