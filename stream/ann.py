@@ -1,0 +1,196 @@
+"""Top-k over item vectors outside the ONNX graph: exact (chunked) and approximate (HNSW).
+
+A bundle's scores are `hidden @ V.T` (V = item_vectors.npy, row 0 padding). With a catalogue
+of 100k items or more, computing every score for every touched user dominates a batch (about
+1 ms per user at 100k items, 13 ms at 1M on this box); `AnnIndex` answers the same question
+from a faiss HNSW graph over V by inner product, in a few hundred µs at 1M items.
+
+Both return what `stream.scoring.top_k` returns: the best k item indices per row, best first,
+never padding nor an item of the row's session (`seen`), padded with 0 / -inf when the
+catalogue runs out. The index searches `k + margin` neighbours, drops the seen ones, searches
+the rows left short again with room for all their seen items, and scores any row still short
+exactly (`stats` counts how often each happened).
+
+faiss-cpu was chosen by measurement against hnswlib and usearch (BENCHMARKS.md, "Catalogue
+scaling"): at equal recall@10 it was as fast as hnswlib and 2× faster than usearch per query,
+ships wheels (hnswlib builds from source), and saves and loads its index files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from stream.errors import ConfigError, ScoringError
+
+logger = logging.getLogger(__name__)
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float32]
+
+# One exact chunk's score matrix stays under this many floats (64 MB): rows x items.
+_CHUNK_FLOATS = 16 << 20
+
+
+def exact_top_k(
+    hidden: FloatArray, vectors: FloatArray, seen: IntArray, k: int
+) -> tuple[IntArray, FloatArray]:
+    """hidden (B, D), vectors (N + 1, D), seen (B, S) -> best (B, k') indices and scores.
+
+    Scores are computed a chunk of rows at a time, so a large catalogue never needs a
+    (B, N + 1) matrix; k' = min(k, N).
+    """
+    from stream.scoring import top_k  # the one masking and ordering rule
+
+    rows = max(1, _CHUNK_FLOATS // max(len(vectors), 1))
+    k = min(k, len(vectors) - 1)
+    best = np.zeros((len(hidden), k), dtype=np.int64)
+    best_scores = np.full((len(hidden), k), -np.inf, dtype=np.float32)
+    for lo in range(0, len(hidden), rows):
+        scores = hidden[lo : lo + rows] @ vectors.T  # (rows, N + 1)
+        best[lo : lo + rows], best_scores[lo : lo + rows] = top_k(scores, seen[lo : lo + rows], k)
+    return best, best_scores
+
+
+@dataclass(frozen=True)
+class AnnParams:
+    """HNSW settings; the defaults reach recall@10 ≥ 0.95 at 1M items (benchmarks/catalogue.py)."""
+
+    m: int = 32  # graph degree (2m links per item on the base layer): memory vs recall
+    ef_construction: int = 100  # build-time beam: build time vs graph quality
+    ef_search: int = 256  # query-time beam: µs per query vs recall
+    margin: int = 16  # extra neighbours fetched so that seen items can be dropped
+    threads: int = 1  # OpenMP threads for search (the processor's loop is one core's work)
+
+
+@dataclass
+class AnnStats:
+    queries: int = 0
+    researched: int = 0  # rows searched again with room for all their seen items
+    exact: int = 0  # rows scored exactly (catalogue too small for k + seen)
+    search_s: float = field(default=0.0)
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ConfigError(
+            "approximate top-k needs faiss: pip install 'streamrec[ann]' (or faiss-cpu)"
+        ) from exc
+    return faiss
+
+
+class AnnIndex:
+    """faiss HNSW over item vectors 1..N by inner product (faiss id = item index - 1)."""
+
+    def __init__(self, index: Any, vectors: FloatArray, params: AnnParams) -> None:
+        self._index = index
+        self.vectors = vectors  # (N + 1, D), kept for the exact fallback
+        self.params = params
+        self.stats = AnnStats()
+
+    @classmethod
+    def build(cls, vectors: FloatArray, params: AnnParams | None = None) -> AnnIndex:
+        """Index rows 1..N of `vectors` (N + 1, D); uses every core while building."""
+        faiss = _faiss()
+        params = params or AnnParams()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) < 2:
+            raise ScoringError(f"item vectors must be (N + 1, D) with N >= 1, got {vectors.shape}")
+        start = time.perf_counter()
+        index = faiss.IndexHNSWFlat(vectors.shape[1], params.m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params.ef_construction
+        index.add(vectors[1:])
+        logger.info(
+            "HNSW index over %d items built in %.1fs (m=%d, ef_construction=%d)",
+            len(vectors) - 1,
+            time.perf_counter() - start,
+            params.m,
+            params.ef_construction,
+        )
+        return cls(index, vectors, params)
+
+    @classmethod
+    def load_or_build(
+        cls, vectors: FloatArray, cache_dir: Path | None, params: AnnParams | None = None
+    ) -> AnnIndex:
+        """An index file in `cache_dir` named by the vectors' and the build settings' digest
+        is read instead of building again (a 1M-item build takes minutes)."""
+        params = params or AnnParams()
+        if cache_dir is None:
+            return cls.build(vectors, params)
+        faiss = _faiss()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        digest = hashlib.sha256(vectors.tobytes())
+        digest.update(f"hnsw-ip m={params.m} efc={params.ef_construction}".encode())
+        path = cache_dir / f"hnsw-{digest.hexdigest()[:24]}.faiss"
+        if path.is_file():
+            return cls(faiss.read_index(str(path)), vectors, params)
+        ann = cls.build(vectors, params)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        faiss.write_index(ann._index, str(tmp))
+        tmp.replace(path)  # readers never see a half-written index
+        return ann
+
+    def _search(self, hidden: FloatArray, k: int) -> tuple[FloatArray, IntArray]:
+        """(B, D) -> scores, item indices (B, k); index 0 where HNSW found fewer than k."""
+        faiss = _faiss()
+        ef = max(self.params.ef_search, k)
+        faiss.omp_set_num_threads(self.params.threads)
+        start = time.perf_counter()
+        scores, ids = self._index.search(
+            np.ascontiguousarray(hidden, dtype=np.float32),
+            k,
+            params=faiss.SearchParametersHNSW(efSearch=ef),
+        )
+        self.stats.search_s += time.perf_counter() - start
+        return scores, ids + 1  # faiss's -1 (not found) becomes padding index 0
+
+    def top_k(self, hidden: FloatArray, seen: IntArray, k: int) -> tuple[IntArray, FloatArray]:
+        """hidden (B, D), seen (B, S) (0 = padding) -> best (B, k') and scores, as exact_top_k."""
+        n_items = len(self.vectors) - 1
+        k = min(k, n_items)
+        best, best_scores = _unseen(*self._search(hidden, min(k + self.params.margin, n_items)),
+                                    seen, k)  # fmt: skip
+        self.stats.queries += len(hidden)
+        short = np.flatnonzero(best_scores[:, -1] == -np.inf) if k else np.zeros(0, np.int64)
+        if short.size:
+            self.stats.researched += short.size
+            wide = min(k + int((seen[short] > 0).sum(axis=1).max()), n_items)
+            best[short], best_scores[short] = _unseen(
+                *self._search(hidden[short], wide), seen[short], k
+            )
+            short = short[best_scores[short, -1] == -np.inf]
+        if short.size:
+            # Fewer than k unseen items reachable: only exact scoring can tell.
+            self.stats.exact += short.size
+            best[short], best_scores[short] = exact_top_k(
+                hidden[short], self.vectors, seen[short], k
+            )
+        return best, best_scores
+
+    def describe(self) -> dict[str, Any]:
+        return {"library": "faiss", "index": "HNSWFlat", "metric": "ip", **asdict(self.params)}
+
+
+def _unseen(
+    scores: FloatArray, ids: IntArray, seen: IntArray, k: int
+) -> tuple[IntArray, FloatArray]:
+    """Candidates (B, C), best first -> the first k that are neither padding nor seen."""
+    # (B, C, S) comparisons: C and S are small (k + margin, session length).
+    drop = (ids[:, :, None] == seen[:, None, :]).any(axis=2) | (ids == 0)  # (B, C)
+    scores = np.where(drop, np.float32(-np.inf), scores)
+    order = np.argsort(drop, axis=1, kind="stable")[:, :k]  # kept first, in search order
+    best = np.take_along_axis(ids, order, axis=1)
+    best_scores = np.take_along_axis(scores, order, axis=1).astype(np.float32)
+    best[best_scores == -np.inf] = 0
+    return best.astype(np.int64), best_scores
