@@ -6,11 +6,16 @@ by default pipeline.json's end_to_end.events_per_s, a drain rate with no live pr
 `--max-rate measure`, the processed rate while a producer offers that drain rate, i.e. the
 saturation throughput with a live producer on the same box) a producer process (spawned, so it
 does not share the processor's GIL) replays the synthetic clicks, cycled, at the target rate,
-re-stamping each event's ts at send time. A separate consumer, assigned to every recs
-partition (fetch.wait.max.ms small), records arrival time − the record's `event_ts` (the
-user's last click in the batch). Records whose event_ts falls in the warm-up are dropped; the
-backlog is drained between levels.
-Producer and consumer share the machine's clock; event ts has 1 ms resolution.
+re-stamping each event's ts at send time. A listener process (spawned too) assigned to every
+recs partition stamps each record's arrival the moment its poll returns and keeps arrival −
+the record's `event_ts` (the user's last click in the batch). Records whose event_ts falls in
+the warm-up are dropped; the backlog is drained between levels.
+
+Where the time goes, per level: the processor is probed (a subclass, nothing changed in it)
+for each click's wait from its produce time to the poll that handed it over (fetch wait plus
+queueing behind the batch in progress), and each batch's decode→score, produce+flush and
+commit times; outputs give event→generated and generated→arrival.
+Producer, processor and listener share the machine's clock; event ts has 1 ms resolution.
 """
 
 from __future__ import annotations
@@ -23,67 +28,95 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from benchmarks.meta import run_metadata, write_result
 from benchmarks.pipeline import ensure_bundle
 from stream.broker import EmbeddedBroker
 from stream.config import KafkaSettings, ProcessorSettings, TopicSettings
 from stream.kafka.admin import create_topics
+from stream.kafka.clients import DeliveryTracker, make_producer
 from stream.processor import Processor
 from stream.producer import ClickProducer
 from stream.replay import iter_source, replay
+from stream.stats import STAGES
 
 PARTITIONS = 6
 
 
-def _produce(bootstrap: str, topic: str, rate: float, seconds: float, out: mp.Queue) -> None:
+def _ms() -> float:
+    return time.time_ns() / 1e6
+
+
+def _produce(
+    bootstrap: str, topic: str, rate: float, seconds: float, linger_ms: int | None, out: mp.Queue
+) -> None:
     """In a spawned process: replay synthetic clicks (cycled) at `rate` for `seconds`."""
     events = list(iter_source("synthetic"))
     kafka = KafkaSettings(bootstrap_servers=bootstrap)
     with ClickProducer(kafka, topic) as producer:
+        if linger_ms is not None:  # the client's own batching, not the processor's business
+            producer._delivery = DeliveryTracker(make_producer(kafka, **{"linger.ms": linger_ms}))
         report = replay(itertools.cycle(events), producer, rate=rate, limit=int(rate * seconds))
     out.put({"sent": report.sent, "seconds": report.seconds})
 
 
-class RecsListener:
-    """Consumes every recs partition from the start; keeps (arrival_ms, event_ts, generated_ts)."""
+def _listen(bootstrap: str, topic: str, fetch_wait_ms: int, stop: Any, path: str) -> None:
+    """In a spawned process: (arrival_ms, event_ts, generated_ts) of every recs record.
 
-    def __init__(self, kafka: KafkaSettings, topic: str, fetch_wait_ms: int) -> None:
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": kafka.bootstrap_servers,
-                "group.id": "latency-bench",
-                "enable.auto.commit": False,
-                "fetch.wait.max.ms": fetch_wait_ms,
-                "fetch.min.bytes": 1,
-            }
-        )
-        self.consumer.assign(
-            [TopicPartition(topic, p, 0) for p in range(PARTITIONS)]  # fresh topic: offset 0
-        )
-        self.rows: list[tuple[float, int, int]] = []
-        self.sent = 0  # clicks produced so far (all levels)
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for msg in self.consumer.consume(1000, timeout=0.05):
-                arrival = time.time_ns() / 1e6
-                if msg.error() is not None or msg.value() is None:
-                    continue
+    Arrival is stamped when poll() hands over the first record; consume(timeout=0) then takes
+    only records already fetched, so no record waits for a batch to fill before its stamp.
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "latency-bench",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": fetch_wait_ms,
+            "fetch.min.bytes": 1,
+        }
+    )
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])  # fresh topic
+    rows: list[tuple[float, int, int]] = []
+    while not stop.is_set():
+        first = consumer.poll(0.05)
+        if first is None:
+            continue
+        arrival = _ms()
+        for msg in [first, *consumer.consume(10_000, timeout=0)]:
+            if msg.error() is None and msg.value() is not None:
                 body = orjson.loads(msg.value())
-                self.rows.append((arrival, body["event_ts"], body["generated_ts"]))
+                rows.append((arrival, body["event_ts"], body["generated_ts"]))
+    consumer.close()
+    np.save(path, np.array(rows, dtype=np.float64).reshape(-1, 3))
 
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join()
-        self.consumer.close()
+
+class ProbedProcessor(Processor):
+    """The processor, with each click's produce→poll wait and each batch's stage times kept."""
+
+    def __init__(self, settings: ProcessorSettings) -> None:
+        super().__init__(settings)
+        self.waits: list[np.ndarray] = []  # (poll_ms, ms from produce to poll) per click
+        # poll_ms, size, ms per stage (STAGES order), ms from poll to the end of the batch
+        self.batches: list[tuple[float, ...]] = []
+        self._polled = 0.0
+
+    def _poll_batch(self) -> list[Message]:
+        msgs = super()._poll_batch()
+        self._polled = _ms()
+        return msgs
+
+    def process_batch(self, msgs: Any) -> None:
+        before = dict(self.stats.stage_s)
+        super().process_batch(msgs)
+        stages = (1000 * (self.stats.stage_s[k] - before[k]) for k in STAGES)
+        created = np.fromiter((m.timestamp()[1] for m in msgs), np.float64, len(msgs))
+        self.waits.append(np.stack([np.full(len(msgs), self._polled), self._polled - created], 1))
+        self.batches.append((self._polled, len(msgs), *stages, _ms() - self._polled))
 
 
 def _pct(values: np.ndarray) -> dict[str, float]:
@@ -92,6 +125,7 @@ def _pct(values: np.ndarray) -> dict[str, float]:
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
     return {
         "n": int(values.size),
+        "mean": float(values.mean()),
         "p50": float(p50),
         "p95": float(p95),
         "p99": float(p99),
@@ -99,37 +133,57 @@ def _pct(values: np.ndarray) -> dict[str, float]:
     }
 
 
+def prime(kafka: KafkaSettings, topics: TopicSettings, processor: ProbedProcessor) -> int:
+    """A few clicks through a processor that has joined its group, so that no level's window
+    starts while the processor is still starting (group join, restore, items bootstrap)."""
+    item = next(iter_source("synthetic")).item_id
+    with ClickProducer(kafka, topics.clicks) as producer:
+        for u in range(20):
+            producer.send(f"prime-{u}", item)
+    deadline = time.monotonic() + 120
+    while processor.stats.consumed < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return 20
+
+
+def _scorer_work(processor: Processor) -> dict[str, float]:
+    scorer = processor.scorer
+    rows = {f"rows_{k}": float(v) for k, v in getattr(scorer, "rows", {}).items()}
+    return rows | {f"{k}_ms": 1000 * v for k, v in getattr(scorer, "timings", {}).items()}
+
+
 def run_level(
-    bootstrap: str, topics: TopicSettings, processor: Processor, listener: RecsListener,
-    rate: float, warmup_s: float, measure_s: float,
-) -> dict[str, object]:  # fmt: skip
+    bootstrap: str, topics: TopicSettings, processor: ProbedProcessor, rate: float,
+    warmup_s: float, measure_s: float, linger_ms: int | None, sent: list[int],
+) -> dict[str, Any]:  # fmt: skip
+    """Offer `rate` events/s; returns the measured window and what was processed in it."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     proc = ctx.Process(
-        target=_produce, args=(bootstrap, topics.clicks, rate, warmup_s + measure_s, out)
+        target=_produce,
+        args=(bootstrap, topics.clicks, rate, warmup_s + measure_s, linger_ms, out),
     )
-    begin = len(listener.rows)
+    begin = processor.stats.consumed
     proc.start()
     # The spawned producer needs ~1-2 s to import and build the synthetic data; the window
-    # starts at its first delivered output.
-    while len(listener.rows) == begin and proc.is_alive():
+    # starts at its first consumed click.
+    while processor.stats.consumed == begin and proc.is_alive():
         time.sleep(0.01)
-    t0 = time.time_ns() / 1e6
-    window_start, window_end = t0 + warmup_s * 1000, t0 + (warmup_s + measure_s) * 1000
+    t0 = _ms()
+    window = (t0 + warmup_s * 1000, t0 + (warmup_s + measure_s) * 1000)
     time.sleep(warmup_s)
     consumed0, perf0 = processor.stats.consumed, time.perf_counter()
+    work0 = _scorer_work(processor)
     time.sleep(measure_s)
     consumed1, perf1 = processor.stats.consumed, time.perf_counter()
+    work1 = _scorer_work(processor)
     report = out.get(timeout=600)
     proc.join()
     # Drain whatever backlog is left, so the next level starts from an empty input topic.
-    listener.sent += report["sent"]
+    sent[0] += report["sent"]
     deadline = time.monotonic() + 300
-    while processor.stats.consumed < listener.sent and time.monotonic() < deadline:
+    while processor.stats.consumed < sent[0] and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(1.0)  # let the last outputs arrive
-    rows = np.array(listener.rows[begin:], dtype=np.float64).reshape(-1, 3)
-    keep = rows[(rows[:, 1] >= window_start) & (rows[:, 1] < window_end)]
     processed = (consumed1 - consumed0) / (perf1 - perf0)
     produced = report["sent"] / report["seconds"]
     return {
@@ -137,11 +191,32 @@ def run_level(
         "sustained": processed >= 0.95 * produced,
         "producer_events_per_s": produced,
         "processed_events_per_s": processed,
-        "outputs_per_s": keep.shape[0] / measure_s,
-        "end_to_end_ms": _pct(keep[:, 0] - keep[:, 1]),
-        "event_to_generated_ms": _pct(keep[:, 2] - keep[:, 1]),
-        "generated_to_arrival_ms": _pct(keep[:, 0] - keep[:, 2]),
+        # The incremental scorer's rows and ms in the window (step vs prefill), when it has them.
+        "scorer_work": {k: work1[k] - work0.get(k, 0) for k in work1},
+        "window_ms": window,
     }
+
+
+def summarise(level: dict[str, Any], rows: np.ndarray, processor: ProbedProcessor) -> None:
+    """Percentiles of the level's window: end to end and each leg of the path."""
+    lo, hi = level.pop("window_ms")
+    keep = rows[(rows[:, 1] >= lo) & (rows[:, 1] < hi)]
+    waits = np.concatenate(processor.waits) if processor.waits else np.zeros((0, 2))
+    waits = waits[(waits[:, 0] >= lo) & (waits[:, 0] < hi), 1]
+    batches = np.array(processor.batches, dtype=np.float64).reshape(-1, 3 + len(STAGES))
+    batches = batches[(batches[:, 0] >= lo) & (batches[:, 0] < hi)]
+    seconds = (hi - lo) / 1000
+    level.update(
+        outputs_per_s=keep.shape[0] / seconds,
+        end_to_end_ms=_pct(keep[:, 0] - keep[:, 1]),
+        event_to_generated_ms=_pct(keep[:, 2] - keep[:, 1]),
+        generated_to_arrival_ms=_pct(keep[:, 0] - keep[:, 2]),
+        produce_to_poll_ms=_pct(waits),
+        batch_size=_pct(batches[:, 1]),
+        # produce: encode, produce and flush until the broker acknowledged every record
+        **{f"batch_{stage}_ms": _pct(batches[:, 2 + i]) for i, stage in enumerate(STAGES)},
+        processor_busy_fraction=float(batches[:, -1].sum() / 1000 / seconds),
+    )
 
 
 def main() -> int:
@@ -157,12 +232,19 @@ def main() -> int:
     parser.add_argument("--fractions", default="0.25,0.5,0.75")
     parser.add_argument("--warmup-s", type=float, default=5.0)
     parser.add_argument("--measure-s", type=float, default=20.0)
-    parser.add_argument("--fetch-wait-ms", type=int, default=5)
+    parser.add_argument("--listener-fetch-wait-ms", type=int, default=5)
+    parser.add_argument("--fetch-wait-ms", type=int, help="processor's (default: KafkaSettings)")
+    parser.add_argument("--batch-max", type=int, help="processor's (default: ProcessorSettings)")
+    parser.add_argument("--producer-linger-ms", type=int, help="the replaying client's linger.ms")
+    parser.add_argument(
+        "--pipeline-json", type=Path, default=Path("benchmarks/results/pipeline.json")
+    )
     args = parser.parse_args()
-    pipeline = json.loads(Path("benchmarks/results/pipeline.json").read_text())
+    pipeline = json.loads(args.pipeline_json.read_text())
     drain_rate = float(pipeline["end_to_end"]["events_per_s"])
-    levels: list[dict[str, object]] = []
-    saturation: dict[str, object] | None = None
+    levels: list[dict[str, Any]] = []
+    saturation: dict[str, Any] | None = None
+    ctx = mp.get_context("spawn")
     with (
         tempfile.TemporaryDirectory() as work,
         EmbeddedBroker() as broker,
@@ -170,44 +252,62 @@ def main() -> int:
     ):
         bundle = ensure_bundle(Path(work), args.bundle, args.train_seconds)
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+        if args.fetch_wait_ms is not None:
+            kafka = kafka.model_copy(update={"fetch_wait_max_ms": args.fetch_wait_ms})
         topics = TopicSettings(partitions=PARTITIONS)
         create_topics(kafka, topics)
+        overrides = {} if args.batch_max is None else {"batch_max": args.batch_max}
         settings = ProcessorSettings(
             kafka=kafka, topics=topics, bundle=bundle, state_dir=Path(state),
-            log_every_s=3600, metrics_addr="",
+            log_every_s=3600, metrics_addr="", **overrides,
         )  # fmt: skip
-        processor = Processor(settings)
+        processor = ProbedProcessor(settings)
         thread = threading.Thread(target=processor.run)
         thread.start()
-        listener = RecsListener(kafka, topics.recs, args.fetch_wait_ms)
+        stop, rows_path = ctx.Event(), str(Path(work) / "arrivals.npy")
+        listener = ctx.Process(
+            target=_listen,
+            args=(broker.bootstrap_servers, topics.recs, args.listener_fetch_wait_ms, stop,
+                  rows_path),
+        )  # fmt: skip
+        listener.start()
+        sent = [prime(kafka, topics, processor)]
+        level_args = (broker.bootstrap_servers, topics, processor)
         try:
             if args.max_rate == "measure":
                 saturation = run_level(
-                    broker.bootstrap_servers, topics, processor, listener, drain_rate, 3.0, 10.0
+                    *level_args, drain_rate, 3.0, 10.0, args.producer_linger_ms, sent
                 )
-                print(json.dumps(saturation), flush=True)
-                max_rate = float(saturation["processed_events_per_s"])  # type: ignore[arg-type]
+                max_rate = float(saturation["processed_events_per_s"])
             else:
                 max_rate = drain_rate if args.max_rate is None else float(args.max_rate)
             for fraction in (float(f) for f in args.fractions.split(",")):
                 level = run_level(
-                    broker.bootstrap_servers, topics, processor, listener,
-                    fraction * max_rate, args.warmup_s, args.measure_s,
+                    *level_args, fraction * max_rate, args.warmup_s, args.measure_s,
+                    args.producer_linger_ms, sent,
                 )  # fmt: skip
                 level["fraction_of_max"] = fraction
-                print(json.dumps(level), flush=True)
                 levels.append(level)
+            time.sleep(1.0)  # let the last outputs arrive
         finally:
-            listener.close()
+            stop.set()
+            listener.join(60)
             processor.stop()
             thread.join()
+        rows = np.load(rows_path)
+    for level in [saturation, *levels] if saturation else levels:
+        summarise(level, rows, processor)
+        print(json.dumps(level), flush=True)
     result = {
         **run_metadata(),
         "pipeline_drain_events_per_s": drain_rate,
         "max_rate_source": args.max_rate or "pipeline.json",
         "max_rate_events_per_s": max_rate,
         "saturation": saturation,
-        "fetch_wait_max_ms": args.fetch_wait_ms,
+        "processor_fetch_wait_max_ms": settings.kafka.fetch_wait_max_ms,
+        "processor_batch_max": settings.batch_max,
+        "producer_linger_ms": args.producer_linger_ms,
+        "listener_fetch_wait_max_ms": args.listener_fetch_wait_ms,
         "warmup_s": args.warmup_s,
         "measure_s": args.measure_s,
         "levels": levels,
