@@ -63,14 +63,14 @@ FULL = ColdPlan(
     "sasrec/ml-1m.txt",
     "ml-1m",
     {"max_len": 200, "d_model": 64, "n_blocks": 2, "n_heads": 1, "dropout": 0.2},
-    {"text_combine": "sum", "id_dropout": 0.2},
+    {"text_combine": "sum", "id_dropout": 0.5},
     BUDGET,
 )
 QUICK = ColdPlan(
     "",
     "synthetic",
     {"max_len": 50, "d_model": 32, "dropout": 0.2},
-    {"text_combine": "sum", "id_dropout": 0.2},
+    {"text_combine": "sum", "id_dropout": 0.5},
     {"epochs": 3, "lr": 3e-3, "max_seconds": 60.0},
     overall=False,
 )

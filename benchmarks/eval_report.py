@@ -44,10 +44,24 @@ def plot_curves(report: dict[str, Any], path: Path) -> Path | None:
         ax.set(title=name, xlabel="epoch", ylabel="validation NDCG@10")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
+    return _finish(fig, path)
+
+
+def _finish(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _splice(text: str, begin: str, end: str, block: str) -> str | None:
+    """text with what lies between the markers replaced by block; None without both."""
+    if begin not in text or end not in text:
+        return None
+    head, rest = text.split(begin, 1)
+    return head + block + rest.split(end, 1)[1]
 
 
 def _row(name: str, data: str, r: dict[str, Any]) -> str:
@@ -128,9 +142,9 @@ def update_benchmarks_md(report: dict[str, Any], md: Path, json_path: Path, png:
     """Replace the generated block of the Model quality section, creating what is missing."""
     block = f"{BEGIN}\n{render(report, json_path, png)}\n{END}"
     text = md.read_text(encoding="utf-8") if md.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    spliced = _splice(text, BEGIN, END, block)
+    if spliced is not None:
+        text = spliced
     elif SECTION in text:
         head, rest = text.split(SECTION, 1)
         text = f"{head}{SECTION}\n\n{block}\n{rest}"
@@ -166,11 +180,12 @@ def plot_section(report: dict[str, Any], path: Path) -> Path | None:
             for shift, metric in ((-0.2, "hr@10"), (0.2, "ndcg@10")):
                 values = [r[group]["test"][metric] for r in result["rows"]]
                 ax.bar([i + shift for i in range(len(names))], values, width=0.4, label=metric)
+            if group == "cold":
+                ax.axhline(result["chance_hr@10"], color="gray", ls=":", label="chance HR@10")
             ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
             ax.set(title=f"{group} test cases", ylabel="test metric")
             ax.grid(alpha=0.3, axis="y")
             ax.legend()
-        axes[0].axhline(result["chance_hr@10"], color="gray", ls=":", label="chance HR@10")
     else:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for row in result["rows"]:
@@ -181,10 +196,7 @@ def plot_section(report: dict[str, Any], path: Path) -> Path | None:
         ax.set(title="timestamped ML-1M users 1-2999", xlabel="epoch", ylabel="valid NDCG@10")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
 
 
 def _meta_lines(report: dict[str, Any], json_path: Path, png: Path | None) -> list[str]:
@@ -296,9 +308,9 @@ def update_section_md(report: dict[str, Any], md: Path, json_path: Path, png: Pa
     end = f"<!-- {tag}:end -->"
     block = f"{begin}\n{render(report, json_path, png)}\n{end}"
     text = md.read_text(encoding="utf-8") if md.is_file() else "# Benchmarks\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
+    spliced = _splice(text, begin, end, block)
+    if spliced is not None:
+        text = spliced
     else:  # a new subsection at the end of the Model quality section
         start = text.find(SECTION)
         cut = text.find("\n## ", start + 1) if start >= 0 else -1

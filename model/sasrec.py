@@ -195,6 +195,9 @@ class TextSASRec(SASRec):
         self.text_proj = nn.Linear(cfg.text_dim, cfg.d_model)
         self.text_gate = nn.Linear(cfg.text_dim, 1) if cfg.text_combine == "gate" else None
         self.unknown = nn.Parameter(torch.zeros(cfg.d_model))  # (D,)
+        # The text part of an item without a trained ID is scaled by this learned factor: with
+        # nothing else to tell items apart, its text may need a sharper say than beside an ID.
+        self.unknown_scale = nn.Parameter(torch.ones(1))  # (1,)
         for layer in (self.text_proj, self.text_gate):
             if layer is not None:
                 _init_weights(layer)
@@ -225,7 +228,8 @@ class TextSASRec(SASRec):
         if self.text_gate is not None:
             trained = trained * torch.sigmoid(self.text_gate(self.text_emb))  # (N + 1, D)
         ids = trained * known + self.unknown * (1.0 - known)  # (N + 1, D)
-        vectors = self.text_proj(self.text_emb) + ids  # (N + 1, D)
+        text_scale = known + self.unknown_scale * (1.0 - known)  # (N + 1, 1)
+        vectors = self.text_proj(self.text_emb) * text_scale + ids  # (N + 1, D)
         return F.pad(vectors[1:], (0, 0, 1, 0))  # (N + 1, D), row 0 = padding = zeros
 
     def softmax_items(self) -> torch.Tensor:
@@ -240,10 +244,12 @@ class TextSASRec(SASRec):
     def bundle_extras(self) -> dict[str, np.ndarray]:
         """What serving needs to add an item at run time: v = text_emb @ W + b, b holding the
         `unknown` ID vector too, so v is exactly the row an untrained catalogue item has."""
-        bias = self.text_proj.bias + self.unknown  # (D,)
+        scale = self.unknown_scale  # (1,)
+        weight = self.text_proj.weight.T * scale  # (T, D)
+        bias = self.text_proj.bias * scale + self.unknown  # (D,)
         return {
             "item_text_emb": self.text_emb.detach().numpy().copy(),  # (N + 1, T)
-            "text_proj_w": self.text_proj.weight.detach().T.numpy().copy(),  # (T, D)
+            "text_proj_w": weight.detach().numpy().copy(),  # (T, D)
             "text_proj_b": bias.detach().numpy().copy(),  # (D,)
         }
 

@@ -67,6 +67,7 @@ def test_unseen_items_are_their_text_projection_alone(combine: str):
     model = text_model(known=[1, 2, 3, 4, 5, 6, 7, 8], combine=combine)
     with torch.no_grad():
         model.unknown.normal_()  # the shared vector of items without a trained ID
+        model.unknown_scale.fill_(1.7)  # and the learned scale of their text part
     extras = model.bundle_extras()
     w, b, emb = extras["text_proj_w"], extras["text_proj_b"], extras["item_text_emb"]
     assert w.shape == (T, D) and b.shape == (D,) and emb.shape == (N + 1, T)
@@ -87,7 +88,7 @@ def test_id_dropout_acts_in_training_only():
         model.train()
         torch.manual_seed(1)
         dropped = model.item_vectors()
-    text_only = model.text_proj(model.text_emb) + model.unknown
+    text_only = model.text_proj(model.text_emb) * model.unknown_scale + model.unknown
     rows = [i for i in range(1, N + 1) if torch.allclose(dropped[i], text_only[i])]
     assert 0 < len(rows) < N  # some items lost their ID part, not all
 
