@@ -176,13 +176,16 @@ def _init_weights(module: nn.Module) -> None:
 class TextSASRec(SASRec):
     """SASRec whose items are a projection of their frozen text embedding plus their ID.
 
-    item_vectors() = text_proj(text_emb) + (known ? [gate *] item_emb : unknown), row 0 zero.
-    `known` is 1 for the items of the training sequences (set by `set_known`): the ID embedding
-    of any other item never got a useful gradient (the tied softmax only pushed it down), so
-    such items get one shared learned `unknown` vector instead, which also stands in for the
-    IDs that id_dropout hides during training: it learns what an item without a trained ID is
-    worth on average. An item added at serving time is treated exactly the same way
-    (`bundle_extras` folds `unknown` into the projection's bias)."""
+    item_vectors(), row 0 zero:
+        known item:    text_proj(text_emb) + [gate *] item_emb
+        other item:    unknown_scale * text_proj(text_emb) + unknown
+    `known` is 1 for the items of the training sequences (set by `set_known`). An item without
+    training clicks has an ID embedding that never got a useful gradient, so it gets the shared
+    learned `unknown` vector instead, which also stands in for the IDs that id_dropout hides
+    during training: that is how the text-only form learns what it is worth. Such items also
+    stay out of the training softmax (`softmax_items`). An item added at serving time is
+    treated exactly the same way: `bundle_extras` folds the scale and `unknown` into one affine
+    map of the text embedding."""
 
     text_emb: torch.Tensor  # (N + 1, T) buffer, frozen
     known: torch.Tensor  # (N + 1, 1) buffer, 1.0 = trained ID embedding
