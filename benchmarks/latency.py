@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import multiprocessing as mp
+import os
 import tempfile
 import threading
 import time
@@ -245,6 +246,7 @@ def main() -> int:
     levels: list[dict[str, Any]] = []
     saturation: dict[str, Any] | None = None
     ctx = mp.get_context("spawn")
+    load_before = os.getloadavg()
     with (
         tempfile.TemporaryDirectory() as work,
         EmbeddedBroker() as broker,
@@ -310,6 +312,8 @@ def main() -> int:
         "listener_fetch_wait_max_ms": args.listener_fetch_wait_ms,
         "warmup_s": args.warmup_s,
         "measure_s": args.measure_s,
+        "loadavg_before": load_before,  # the box is shared: other work skews every figure
+        "loadavg_after": os.getloadavg(),
         "levels": levels,
     }
     write_result(args.out, result)

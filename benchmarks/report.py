@@ -74,6 +74,9 @@ def check(results: Path) -> list[str]:
 
 def _meta(r: dict[str, Any], name: str, results: Path) -> str:
     load = r.get("loadavg_before") or r.get("loadavg_1min") or r.get("load_average")
+    if isinstance(load, dict | list | tuple):
+        values = load.values() if isinstance(load, dict) else load
+        load = " / ".join(f"{v:.1f}" for v in values)
     load_text = f"; load average {load}" if load is not None else ""
     return (
         f"`{r['command']}` · {r['machine']} · {r['date']} · commit `{r['commit']}`{load_text} · "
@@ -145,12 +148,25 @@ def catalogue(r: dict[str, Any]) -> list[str]:
             f"ef {a['ef_search']}: {a['us_per_query']:.0f} µs, R@10 {a['recall_at_10']:.3f}"
             for a in lv["ann"]
         )
+        stage = lv.get("events_per_s_step_ann") or lv.get("events_per_s_full_ann") or {}
+        exact = lv.get("events_per_s_step_exact") or lv.get("events_per_s_full_exact") or 0
         rows.append(
             [f"{lv['items']:,}", f"{lv['exact_us_per_query']:.0f}", ann,
-             f"{lv['ann_build_s']:.1f} s / {lv['ann_rss_growth_mb']:.0f} MB"]
+             f"{lv['ann_build_s']:.1f} s / {lv['ann_rss_growth_mb']:.0f} MB",
+             f"{exact:,.0f} · " + " · ".join(f"{v:,.0f}" for v in stage.values())]
         )  # fmt: skip
-    header = ["items", "exact µs/query", "HNSW µs/query, recall@10", "build / RSS"]
+    header = ["items", "exact µs/query", "HNSW µs/query, recall@10", "build / RSS",
+              "scoring events/s: exact · HNSW per ef (step model + top-k)"]  # fmt: skip
     return ["### Top-k as the catalogue grows (exact vs HNSW)", "", *_table(header, rows)]
+
+
+def model_ceiling(r: dict[str, Any]) -> list[str]:
+    rows = [
+        [point.replace("threads_", "").replace("_batch_", " thread(s), batch "),
+         f"{r['full'][point]['seqs_per_s']:,.0f}", f"{r['step'][point]['seqs_per_s']:,.0f}"]
+        for point in r["full"]
+    ]  # fmt: skip
+    return ["### Bare model ceiling", "", *_table(["point", "full seq/s", "step seq/s"], rows)]
 
 
 def recovery(r: dict[str, Any]) -> list[str]:
@@ -168,6 +184,7 @@ def recovery(r: dict[str, Any]) -> list[str]:
 
 
 RENDER = {
+    "model_ceiling.json": model_ceiling,
     "pipeline.json": pipeline,
     "latency.json": latency,
     "scaling.json": scaling,
@@ -189,18 +206,21 @@ def render(results: Path, png: Path | None) -> str:
     return "\n".join(lines).rstrip()
 
 
-def replace_block(md: Path, block: str) -> None:
-    """Put `block` between the markers (or under SECTION, or at the end) of `md`."""
+def replace_block(
+    md: Path, block: str, begin: str = BEGIN, end: str = END, section: str = SECTION
+) -> None:
+    """Put `block` between the markers `begin`/`end` of `md` (or under `section`, or at the
+    end), keeping every other line; any generated section of BENCHMARKS.md can use it."""
     text = md.read_text(encoding="utf-8") if md.is_file() else "# streamrec benchmarks\n"
-    block = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    elif SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        text = f"{head}{SECTION}\n\n{block}\n{rest}"
+    block = f"{begin}\n{block}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    elif section in text:
+        head, rest = text.split(section, 1)
+        text = f"{head}{section}\n\n{block}\n{rest}"
     else:
-        text = f"{text.rstrip()}\n\n{SECTION}\n\n{block}\n"
+        text = f"{text.rstrip()}\n\n{section}\n\n{block}\n"
     md.write_text(text, encoding="utf-8")
 
 

@@ -11,6 +11,7 @@ and the process RSS before filling and after each size.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import resource
 import tempfile
@@ -134,6 +135,7 @@ def main() -> int:
     parser.add_argument("--fill-chunk", type=int, default=20_000)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    load_before = os.getloadavg()
     levels = []
     with (
         tempfile.TemporaryDirectory() as work,
@@ -174,6 +176,8 @@ def main() -> int:
         "batch_size": args.batch_size,
         "vm_rss_mb_before_fill": rss_before_fill,
         "session_events": SESSION_EVENTS,
+        "loadavg_before": load_before,  # the box is shared: other work skews every figure
+        "loadavg_after": os.getloadavg(),
         "levels": levels,
     }
     write_result(args.out, result)
