@@ -28,6 +28,7 @@ import os
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +54,23 @@ def _ms() -> float:
     return time.time_ns() / 1e6
 
 
-def _produce(
-    bootstrap: str, topic: str, rate: float, seconds: float, linger_ms: int | None, out: mp.Queue
-) -> None:
-    """In a spawned process: replay synthetic clicks (cycled) at `rate` for `seconds`."""
-    events = list(iter_source("synthetic"))
+@dataclass(frozen=True)
+class Source:
+    """What the replaying client sends: clicks of `path` (stream.replay.iter_source), cycled."""
+
+    path: str = "synthetic"
+    linger_ms: int | None = None  # the client's own batching (None: ClickProducer's)
+
+
+def _produce(bootstrap: str, topic: str, rate: float, seconds: float, source: Source,
+             out: mp.Queue) -> None:  # fmt: skip
+    """In a spawned process: replay the source's clicks (cycled) at `rate` for `seconds`."""
+    events = list(iter_source(source.path))
     kafka = KafkaSettings(bootstrap_servers=bootstrap)
     with ClickProducer(kafka, topic) as producer:
-        if linger_ms is not None:  # the client's own batching, not the processor's business
-            producer._delivery = DeliveryTracker(make_producer(kafka, **{"linger.ms": linger_ms}))
+        if source.linger_ms is not None:
+            linger = {"linger.ms": source.linger_ms}
+            producer._delivery = DeliveryTracker(make_producer(kafka, **linger))
         report = replay(itertools.cycle(events), producer, rate=rate, limit=int(rate * seconds))
     out.put({"sent": report.sent, "seconds": report.seconds})
 
@@ -134,10 +143,12 @@ def _pct(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def prime(kafka: KafkaSettings, topics: TopicSettings, processor: ProbedProcessor) -> int:
+def prime(
+    kafka: KafkaSettings, topics: TopicSettings, processor: ProbedProcessor, source: Source
+) -> int:
     """A few clicks through a processor that has joined its group, so that no level's window
     starts while the processor is still starting (group join, restore, items bootstrap)."""
-    item = next(iter_source("synthetic")).item_id
+    item = next(iter_source(source.path)).item_id
     with ClickProducer(kafka, topics.clicks) as producer:
         for u in range(20):
             producer.send(f"prime-{u}", item)
@@ -155,14 +166,14 @@ def _scorer_work(processor: Processor) -> dict[str, float]:
 
 def run_level(
     bootstrap: str, topics: TopicSettings, processor: ProbedProcessor, rate: float,
-    warmup_s: float, measure_s: float, linger_ms: int | None, sent: list[int],
+    warmup_s: float, measure_s: float, source: Source, sent: list[int],
 ) -> dict[str, Any]:  # fmt: skip
     """Offer `rate` events/s; returns the measured window and what was processed in it."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     proc = ctx.Process(
         target=_produce,
-        args=(bootstrap, topics.clicks, rate, warmup_s + measure_s, linger_ms, out),
+        args=(bootstrap, topics.clicks, rate, warmup_s + measure_s, source, out),
     )
     begin = processor.stats.consumed
     proc.start()
@@ -238,6 +249,9 @@ def main() -> int:
     parser.add_argument("--batch-max", type=int, help="processor's (default: ProcessorSettings)")
     parser.add_argument("--producer-linger-ms", type=int, help="the replaying client's linger.ms")
     parser.add_argument(
+        "--source", default="synthetic", help="clicks to replay (as streamrec replay)"
+    )
+    parser.add_argument(
         "--pipeline-json", type=Path, default=Path("benchmarks/results/pipeline.json")
     )
     args = parser.parse_args()
@@ -273,20 +287,19 @@ def main() -> int:
                   rows_path),
         )  # fmt: skip
         listener.start()
-        sent = [prime(kafka, topics, processor)]
+        source = Source(args.source, args.producer_linger_ms)
+        sent = [prime(kafka, topics, processor, source)]
         level_args = (broker.bootstrap_servers, topics, processor)
         try:
             if args.max_rate == "measure":
-                saturation = run_level(
-                    *level_args, drain_rate, 3.0, 10.0, args.producer_linger_ms, sent
-                )
+                saturation = run_level(*level_args, drain_rate, 3.0, 10.0, source, sent)
                 max_rate = float(saturation["processed_events_per_s"])
             else:
                 max_rate = drain_rate if args.max_rate is None else float(args.max_rate)
             for fraction in (float(f) for f in args.fractions.split(",")):
                 level = run_level(
                     *level_args, fraction * max_rate, args.warmup_s, args.measure_s,
-                    args.producer_linger_ms, sent,
+                    source, sent,
                 )  # fmt: skip
                 level["fraction_of_max"] = fraction
                 levels.append(level)

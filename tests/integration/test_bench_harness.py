@@ -1,0 +1,53 @@
+"""The broker-backed benchmark modules run end to end with tiny settings and write every key
+the report and the plot read (never a speed: that is `make bench`'s business)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import latency, report, scaling
+
+
+def _run(module: object, monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    monkeypatch.setattr(sys, "argv", [getattr(module, "__name__", "bench"), *argv])
+    assert module.main() == 0  # type: ignore[attr-defined]
+
+
+def _keys(path: Path, name: str) -> dict:
+    result = json.loads(path.read_text())
+    for key in report.EXPECTED[name]:
+        report._get(result, key)
+    return result
+
+
+@pytest.mark.slow
+def test_latency_module_measures_a_level_and_its_legs(
+    bundle_dir: Path, synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, pipeline = tmp_path / "latency.json", tmp_path / "pipeline.json"
+    pipeline.write_text(json.dumps({"end_to_end": {"events_per_s": 300.0}}))
+    argv = ["--bundle", str(bundle_dir), "--source", str(synthetic_dir), "--max-rate", "300",
+            "--fractions", "0.5", "--warmup-s", "1", "--measure-s", "2",
+            "--pipeline-json", str(pipeline), "--out", str(out)]  # fmt: skip
+    _run(latency, monkeypatch, argv)
+    level = _keys(out, "latency.json")["levels"][0]
+    assert level["end_to_end_ms"]["n"] > 0
+    # The legs of one record add up: event -> generated -> arrival.
+    assert level["end_to_end_ms"]["p50"] >= level["event_to_generated_ms"]["p50"]
+    assert level["batch_size"]["n"] > 0
+
+
+@pytest.mark.slow
+def test_scaling_module_measures_each_store_size(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "scaling.json"
+    argv = ["--bundle", str(bundle_dir), "--sizes", "200,500", "--batches", "1",
+            "--batch-size", "50", "--fill-chunk", "100", "--out", str(out)]  # fmt: skip
+    _run(scaling, monkeypatch, argv)
+    result = _keys(out, "scaling.json")
+    assert [lv["users"] for lv in result["levels"]] == [200, 500]
