@@ -22,7 +22,6 @@ import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from export.bundle import Bundle
-from export.errors import ExportError
 from stream.assignment import Assignment
 from stream.batch import (
     Batch,
@@ -36,28 +35,24 @@ from stream.batch import (
     source_of,
 )
 from stream.catalogue import CatalogueFollower, follow_items
-from stream.codec import (
-    ClickEvent,
-    Invalid,
-    RecommendedItem,
-    decode_click,
-    encode_recommendation,
-)
+from stream.codec import ClickEvent, Invalid, decode_click
 from stream.config import ProcessorSettings
-from stream.errors import DeliveryError, StreamError
+from stream.errors import DeliveryError
 from stream.explain import SimilarityExplainer
-from stream.incremental import kv_cache_of, make_scorer, release_kv, score_batch
+from stream.incremental import kv_cache_of, make_scorer, release_kv
 from stream.itemtable import ItemTable
 from stream.kafka.admin import partition_count
 from stream.kafka.clients import DeliveryTracker, commit_offsets, make_consumer, make_producer
 from stream.kafka.lag import LagTracker
 from stream.metrics import ProcessorMetrics
 from stream.ops import Health, OpsServer
+from stream.recommend import recommend, recommendation_record
 from stream.reload import BundleSource
-from stream.scoring import Explainer, Scorer, ranked_items, session_inputs, top_k
+from stream.scoring import Explainer, Scorer
 from stream.state import RocksSessionStore, Session, SessionStore
 from stream.state.changelog import ChangelogWriter, changelog_topic, ensure_changelog
 from stream.stats import ProcessorStats, Timer
+from stream.swap import next_model
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("streamrec.audit")
@@ -244,31 +239,11 @@ class Processor:
         if now - self._last_reload_check < self.settings.reload_check_s:
             return
         self._last_reload_check = now
-        try:
-            candidate = self.source.check()
-        except ExportError as exc:
-            self._refused(exc)
-            return
-        if candidate is None:
-            return
-        target, bundle = candidate
-        try:
-            scorer = make_scorer(bundle, self.settings, self.store)
-        except StreamError as exc:
-            self.source.refuse(target)
-            self._refused(exc)
-            return
-        old = self.bundle.model_version
-        self.source.accept(target, bundle)
-        self._use_bundle(bundle, scorer)
-        self.metrics.model_reloads.labels("ok").inc()
-        logger.info("model swapped between batches: %s -> %s", old, bundle.model_version)
-
-    def _refused(self, exc: Exception) -> None:
-        self.metrics.model_reloads.labels("refused").inc()
-        logger.error(
-            "refused the new model bundle; still serving %s: %s", self.bundle.model_version, exc
+        swap = next_model(
+            self.source, self.settings, self.store, self.metrics, self.bundle.model_version
         )
+        if swap is not None:
+            self._use_bundle(*swap)
 
     # -- the batch -------------------------------------------------------------------------------
     def _timed(self, stage: str) -> Timer:
@@ -353,8 +328,7 @@ class Processor:
         self.assignment.note_applied(applied)
 
     def _score(self, batch: Batch) -> None:
-        """Every touched user once: model inputs, model (full or incremental), top-k, the
-        explanation hook, one record each."""
+        """Every touched user once (stream.recommend); a forgotten user gets a tombstone."""
         users, sessions = [], []
         for user, touched in batch.touched.items():
             if touched.session is None:
@@ -366,45 +340,27 @@ class Processor:
                 sessions.append(touched.session)
         if not users:
             return
-        view = self.items.view  # one state of the item table for the whole batch
-        inputs = session_inputs(sessions, view, self.scorer.max_len, self.stride)
-        scored = score_batch(self.scorer, users, sessions, inputs, view)
-        best, best_scores = top_k(scored.scores, inputs.seen, self.settings.top_k)
-        explain = self.explain
-        because = None if explain is None else explain(best, inputs.item_seq, view.vectors)
-        self.metrics.scored.inc(len(users) - len(scored.failed))
-        # Python lists once per batch: per-element numpy scalars cost ~4 µs per output.
-        ranked, scores = best.tolist(), best_scores.tolist()
-        reasons = None if because is None else because.tolist()
+        done = recommend(
+            self.scorer, users, sessions, self.items.view,
+            stride=self.stride, k=self.settings.top_k, explain=self.explain,
+        )  # fmt: skip
+        self.metrics.scored.inc(len(users) - len(done.failed))
         for row, user in enumerate(users):
-            if row in scored.failed:
-                self._scoring_failed(batch, user, scored.failed[row])
+            touched = batch.touched[user]
+            items = done.lists[row]
+            if items is None:
+                # The session keeps the (valid) event; only this user's output is skipped.
+                batch.failed.add(user)
+                self.metrics.errors.labels("scoring").inc()
+                reason = str(done.failed[row])[:200]
+                batch.dead.append((touched.msg, Invalid("scoring_failed", reason)))
                 continue
-            why = None if reasons is None else reasons[row]
-            self._recommend(batch, user, ranked_items(ranked[row], scores[row], view.ids, why))
-
-    def _scoring_failed(self, batch: Batch, user: str, error: Exception) -> None:
-        # The session keeps the (valid) event; only this user's output is skipped.
-        batch.failed.add(user)
-        self.metrics.errors.labels("scoring").inc()
-        batch.dead.append((batch.touched[user].msg, Invalid("scoring_failed", str(error)[:200])))
-
-    def _recommend(self, batch: Batch, user: str, items: list[RecommendedItem]) -> None:
-        touched = batch.touched[user]
-        _, partition, offset = source_of(touched.msg)
-        generated = now_ms()
-        event_ts = touched.event.ts if isinstance(touched.event, ClickEvent) else generated
-        value = encode_recommendation(
-            user_id=user,
-            items=items,
-            model_version=self.scorer.model_version,
-            partition=partition,
-            offset=offset,
-            event_ts=event_ts,
-            generated_ts=generated,
-        )
-        batch.outputs.append((user, value))
-        batch.event_ts.append(event_ts)
+            _, partition, offset = source_of(touched.msg)
+            value, event_ts = recommendation_record(
+                user, items, self.scorer.model_version, (partition, offset), touched.event
+            )
+            batch.outputs.append((user, value))
+            batch.event_ts.append(event_ts)
 
     def _produce(self, batch: Batch) -> None:
         topics = self.settings.topics
