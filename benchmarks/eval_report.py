@@ -204,8 +204,8 @@ def _meta_lines(report: dict[str, Any], json_path: Path, png: Path | None) -> li
     return [
         f"- command: `{report['command']}`, {report['total_seconds'] / 60:.1f} min",
         f"- machine: {report['machine']}; {cpu['cpu']}, torch {cpu['torch']}, "
-        f"{report.get('threads', 2)} threads; load average at start {cpu['load_average']}, at end "
-        f"{cpu.get('load_average_end')} (the box is shared with other work)",
+        f"torch threads: {report.get('threads', 2)}; load average at start "
+        f"{cpu['load_average']}, at end {cpu.get('load_average_end')} (the box is shared)",
         f"- date: {report['date']}; commit `{report['commit']}`"
         + (" (with uncommitted changes)" if report["dirty"] else ""),
         f"- results: [`{json_path}`]({json_path})"
@@ -291,11 +291,19 @@ def render_time(report: dict[str, Any], json_path: Path, png: Path | None) -> st
         cells = [r["model"], _f(t, "hr@10"), _f(t, "ndcg@10"), _f(t, "mrr")]
         lines.append("| " + " | ".join([*cells, _f(r["valid"], "ndcg@10"), secs]) + " |")
     diff = res["time_minus_plain_test"]
-    verdict = "helps" if diff["ndcg@10"] > 0 and diff["hr@10"] > 0 else "does not help"
+    plain, timed = res["rows"][1]["valid"], res["rows"][2]["valid"]
+    valid_diff = timed["ndcg@10"] - plain["ndcg@10"]
+    if diff["ndcg@10"] > 0 and valid_diff > 0:
+        verdict = "time helps on both splits"
+    elif diff["ndcg@10"] < 0 and valid_diff < 0:
+        verdict = "time does not help"
+    else:
+        verdict = "validation and test disagree: no clear gain from time"
     lines += [
         "",
-        f"Time minus no time on test: HR@10 {diff['hr@10']:+.4f}, NDCG@10 {diff['ndcg@10']:+.4f}, "
-        f"MRR {diff['mrr']:+.4f}: in this run time {verdict}.",
+        f"Time minus no time: test HR@10 {diff['hr@10']:+.4f}, NDCG@10 {diff['ndcg@10']:+.4f}, "
+        f"MRR {diff['mrr']:+.4f}; validation NDCG@10 {valid_diff:+.4f}. In this run (one seed) "
+        f"{verdict}.",
     ]
     return "\n".join([*lines, "", *_meta_lines(report, json_path, png)])
 
