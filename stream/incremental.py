@@ -74,6 +74,7 @@ class IncrementalScorer:
         cache_bytes: int = 256 << 20,
         backing: KVBacking | None = None,
         max_catch_up: int = 8,
+        max_rows: int | None = None,
     ) -> None:
         spec, prefill, step = bundle.step, bundle.prefill_path, bundle.step_path
         if spec is None or prefill is None or step is None:
@@ -81,7 +82,8 @@ class IncrementalScorer:
                 f"{bundle.path} has no step model; use inference=full or re-export the model "
                 "with positions=first"
             )
-        self.full = OnnxScorer(bundle, threads)
+        self.full = OnnxScorer(bundle, threads, max_rows=max_rows)
+        self.max_rows = max_rows  # rows per onnxruntime call (None: the whole batch)
         self.bundle, self.items = bundle, self.full.items
         self.model_version, self.max_len = bundle.model_version, bundle.max_len
         self.stride = spec.stride
@@ -206,7 +208,7 @@ class IncrementalScorer:
                 self.rows["step_positions"] += b - lo
 
         self.rows["step"] += len(rows)
-        return _in_batch(rows, isolate_failures(call, len(rows)))
+        return _in_batch(rows, isolate_failures(call, len(rows), self.max_rows))
 
     def _prefills(
         self, rows: IntArray, users: Sequence[str], inputs: ModelInputs, out: _Outputs
@@ -229,7 +231,7 @@ class IncrementalScorer:
             self.timings["put"] += time.perf_counter() - t2
 
         self.rows["prefill"] += len(rows)
-        return _in_batch(rows, isolate_failures(call, len(rows)))
+        return _in_batch(rows, isolate_failures(call, len(rows), self.max_rows))
 
 
 class _Outputs:
@@ -276,11 +278,11 @@ def make_scorer(
     K/V cache persists in `store` when it is a RocksSessionStore."""
     mode = settings.inference
     if mode == "full" or (mode == "auto" and bundle.step is None):
-        return OnnxScorer(bundle, settings.onnx_threads)
+        return OnnxScorer(bundle, settings.onnx_threads, max_rows=settings.onnx_max_rows)
     backing = store if isinstance(store, RocksSessionStore) else None
     return IncrementalScorer(
         bundle, settings.onnx_threads, cache_bytes=int(settings.kv_cache_mb * (1 << 20)),
-        backing=backing,
+        backing=backing, max_rows=settings.onnx_max_rows,
     )  # fmt: skip
 
 

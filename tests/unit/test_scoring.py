@@ -115,3 +115,20 @@ def test_isolate_failures_bisects_to_the_rejected_rows() -> None:
     failed = isolate_failures(call, 16)
     assert list(failed) == [5] and len(calls) < 16
     assert isolate_failures(call, 0) == {}
+
+
+def test_isolate_failures_calls_at_most_max_rows_rows_and_bisects_within_a_chunk() -> None:
+    calls: list[tuple[int, int]] = []
+    kept = np.zeros(23, dtype=np.int64)
+
+    def call(lo: int, hi: int) -> None:
+        calls.append((lo, hi))
+        if lo <= 13 < hi or lo <= 20 < hi:
+            raise ScoringError("rejected")
+        kept[lo:hi] += 1
+
+    failed = isolate_failures(call, 23, max_rows=8)
+    assert sorted(failed) == [13, 20]
+    assert max(hi - lo for lo, hi in calls) <= 8
+    assert calls[0] == (0, 8), "a chunk without a poison row is one call"
+    assert (kept[[13, 20]] == 0).all() and (np.delete(kept, [13, 20]) == 1).all()
