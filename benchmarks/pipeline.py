@@ -5,16 +5,21 @@ process, 1 onnxruntime thread) drains them; the rate is events / time from the f
 the last commit. Each inference mode (full re-encode, incremental step/prefill) runs on two
 workloads: the replay in time order (bursty sessions: ~10 clicks per scored user per batch) and
 a steady state of many users whose sessions (and K/V) are warm, one click per user per batch,
-as live traffic over many users. `--profile DIR` writes a cProfile of the processor thread per
-run; score_stages (benchmarks/stages.py) breaks the scoring path down per event. Results go
-to JSON; BENCHMARKS.md summarises them.
+as live traffic over many users. The Faust engine (`--engine faust`, full model) drains the
+time workload's clicks on its own fresh broker in the same run (`--no-faust` skips it);
+`faust.speedup` is each default-engine run's rate over Faust's. `--profile DIR` writes a
+cProfile of the processor thread per run; score_stages (benchmarks/stages.py) breaks the
+scoring path down per event. Results go to JSON; BENCHMARKS.md summarises them.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib.util
 import io
+import json
+import multiprocessing
 import pstats
 import random
 import subprocess
@@ -23,8 +28,11 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -120,20 +128,14 @@ def warm_up(processor: Processor, sessions: dict[str, Session], batch: int = 200
     scorer.cache.stats.clear()
 
 
-def end_to_end(
-    bundle: Path,
-    events: int,
-    *,
-    inference: str = "auto",
-    workload: str = "time",
-    users: int = 12_000,
-    partitions: int = 6,
-    profile: Path | None = None,
-) -> dict[str, float]:
-    """Drain rate of one processor over preloaded clicks. workload "time": the synthetic
-    replay's first `events` clicks in time order (a session's clicks come in bursts: ~10 per
-    scored user per batch); "steady": steady_clicks. With `profile`, a cProfile of the
-    processor thread goes there (pstats text)."""
+@contextmanager
+def preloaded(
+    bundle: Path, events: int, workload: str, users: int, partitions: int
+) -> Iterator[tuple[ProcessorSettings, list[ClickEvent], dict[str, Session]]]:
+    """A fresh embedded broker holding the workload's clicks, and settings for a processor
+    over them (a temporary state dir). workload "time": the synthetic replay's first `events`
+    clicks in time order (a session's clicks come in bursts: ~10 per scored user per batch);
+    "steady": steady_clicks, whose warm sessions come back for the caller to load."""
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as state:
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
         topics = TopicSettings(partitions=partitions)
@@ -153,13 +155,76 @@ def end_to_end(
             state_dir=Path(state),
             log_every_s=3600,
             metrics_addr="",
-            inference=inference,  # type: ignore[arg-type]
-            # Every user's K/V in memory (~26 KB each at d=64, L=50): the hot regime.
-            kv_cache_mb=max(256.0, len(sessions) * 0.03),
+        )
+        yield settings, clicks, sessions
+
+
+def end_to_end(
+    bundle: Path,
+    events: int,
+    *,
+    inference: str = "auto",
+    workload: str = "time",
+    users: int = 12_000,
+    partitions: int = 6,
+    profile: Path | None = None,
+) -> dict[str, float]:
+    """Drain rate of one processor over preloaded clicks (`preloaded`). With `profile`, a
+    cProfile of the processor thread goes there (pstats text)."""
+    with preloaded(bundle, events, workload, users, partitions) as (base, clicks, sessions):
+        settings = base.model_copy(
+            update={
+                "inference": inference,
+                # Every user's K/V in memory (~26 KB each at d=64, L=50): the hot regime.
+                "kv_cache_mb": max(256.0, len(sessions) * 0.03),
+            }
         )
         processor = Processor(settings)
         warm_up(processor, sessions)
         return drain(processor, len(clicks), profile)
+
+
+def faust_end_to_end(bundle: Path, events: int, *, partitions: int = 6) -> dict[str, float]:
+    """Drain rate of the Faust engine over the same clicks as the "time" workload: events /
+    time from its first batch to its last, as `drain` measures the default engine. Faust's
+    worker owns the signals and an event loop, so it runs in its own (spawned) process and
+    stops itself once every click is consumed (FaustEngine's stop_after)."""
+    with preloaded(bundle, events, "time", 0, partitions) as (settings, clicks, _):
+        out = settings.state_dir / "faust-stats.json"
+        proc = multiprocessing.get_context("spawn").Process(
+            target=_faust_worker, args=(settings, len(clicks), out)
+        )
+        proc.start()
+        proc.join(timeout=600)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise RuntimeError("the faust engine did not drain the clicks within 600 s")
+        if proc.exitcode != 0 or not out.is_file():
+            raise RuntimeError(f"the faust engine exited with {proc.exitcode} and no stats")
+        result: dict[str, float] = json.loads(out.read_text())
+        return result
+
+
+def _faust_worker(settings: ProcessorSettings, events: int, out: Path) -> None:
+    from stream.faust_engine import FaustEngine  # the optional extra, in the child only
+
+    engine = FaustEngine(settings, stop_after=events)
+    code = engine.run()
+    stats = engine.stats
+    elapsed = (stats.last_batch or 0.0) - (stats.first_batch or 0.0)
+    batches = max(stats.batches, 1)
+    out.write_text(
+        json.dumps(
+            {
+                "events": float(stats.consumed),
+                "events_per_s": stats.consumed / max(elapsed, 1e-9),
+                "batches": float(stats.batches),
+                "mean_batch": stats.consumed / batches,
+            }
+        )
+    )
+    raise SystemExit(code)
 
 
 def drain(processor: Processor, events: int, profile: Path | None) -> dict[str, float]:
@@ -217,6 +282,19 @@ def write_profile(profiler: cProfile.Profile, path: Path, events: int) -> None:
     path.write_text(text.getvalue())
 
 
+def faust_comparison(faust: dict[str, float], runs: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The Faust engine's drain rate (full model, the time workload's clicks) and how many times
+    faster each default-engine run on the same clicks was (issue 8's target: >= 10x)."""
+    rate = faust["events_per_s"]
+    same_clicks = {name: run for name, run in runs.items() if name.endswith("_time")}
+    return {
+        **faust,
+        "workload": "time",
+        "inference": "full",
+        "speedup": {name: run["events_per_s"] / rate for name, run in same_clicks.items()},
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pipeline.json"))
@@ -234,6 +312,12 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--users", type=int, default=12_000, help="users of the steady workload")
     parser.add_argument("--profile", type=Path, help="directory for cProfile text per run")
+    parser.add_argument(
+        "--faust", action=argparse.BooleanOptionalAction,
+        default=importlib.util.find_spec("faust") is not None,
+        help="also drain the time workload's clicks with the Faust engine (default: when the "
+        "faust extra is installed)",
+    )  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         bundle = ensure_bundle(Path(work), args.bundle, args.train_seconds)
@@ -246,6 +330,7 @@ def main() -> int:
                     bundle, args.events, inference=mode, workload=workload, users=args.users,
                     profile=profile,
                 )  # fmt: skip
+        faust = faust_end_to_end(bundle, args.events) if args.faust else None
         result = {
             **run_metadata(),
             "model": load_bundle(bundle).manifest.config,
@@ -257,6 +342,8 @@ def main() -> int:
             "end_to_end": runs.get("incremental_time") or next(iter(runs.values())),
             "runs": runs,
         }
+        if faust is not None:
+            result["faust"] = faust_comparison(faust, runs)
     write_result(args.out, result)
     return 0
 
