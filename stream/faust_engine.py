@@ -4,8 +4,9 @@ The same work as stream/processor.py, written the way a Faust team would write i
 over the clicks topic, sessions in a Faust Table on RocksDB, batches from
 `stream.take_events(batch_max, within=poll_timeout_s)`. Per batch: decode every record with
 the default engine's codec, apply the valid clicks to their users' sessions, score every
-touched user in one onnxruntime call, publish one list per touched user (partition/offset of
-the user's last click applied) and dead-letter the rest with the same headers. Faust acks the
+touched user in one onnxruntime call (stream.recommend, the default engine's score step),
+publish one list per touched user (partition/offset of the user's last click applied) and
+dead-letter the rest with the same headers. Faust acks the
 batch's events when the loop body returns and commits acked offsets every
 `broker_commit_interval`, after flushing its producer (outputs, changelog and dead letters):
 at-least-once, like the default engine.
@@ -27,8 +28,15 @@ default-engine deployment. Differences:
   cores, d=64, L=50, 2,000 items) against 28–33k for the default engine, in paired runs on
   the same data (~12x; 1.0–1.5k vs 12–18k when the box was busier). Batches are
   `take_events(--batch-max, within=poll_timeout_s)`, ~300 events each; Faust's per-event
-  asyncio path (a task hand-off per record) costs far more than the model.
-- Not here: hot model reload, /metrics /livez /readyz (`--metrics-addr` is ignored),
+  asyncio path (a task hand-off per record) costs far more than the model. `make bench`
+  measures it beside the default engine on the same preloaded clicks (benchmarks/pipeline.py,
+  `faust` in pipeline.json).
+- Inference: always the full model (model.onnx re-encodes each touched user's window), as
+  the default engine's `--inference full`; no step model or K/V cache. The window is the
+  default engine's (session_inputs: the bundle's window rule), so both engines publish the
+  same lists for the same sessions, also past max_len clicks.
+- Not here: incremental inference, hot model reload, runtime items (the items topic),
+  explanations (`because`), /metrics /livez /readyz (`--metrics-addr` is ignored),
   exactly-once, SASL/SSL. `forget` requests work (session deleted, tombstone to `recs`).
 - Embedded-broker workaround: Tansu answers list-offsets with the start of a partition's last
   record batch + 1, not its end. On every start Faust checks that a table's persisted changelog
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,18 +70,13 @@ from stream.batch import (
     decode_control,
     now_ms,
 )
-from stream.codec import ClickEvent, Invalid, decode_click, encode_recommendation
+from stream.codec import ClickEvent, Invalid, decode_click
 from stream.config import ProcessorSettings
 from stream.errors import ConfigError
 from stream.kafka.admin import partition_count
+from stream.recommend import recommend, recommendation_record
 from stream.reload import BundleSource
-from stream.scoring import (
-    OnnxScorer,
-    model_inputs,
-    ranked_items,
-    score_isolating_failures,
-    top_k,
-)
+from stream.scoring import OnnxScorer
 from stream.state import Session
 
 logger = logging.getLogger(__name__)
@@ -155,10 +159,12 @@ class EngineStats:
     dead_letters: int = 0
     replayed: int = 0
     first_batch: float | None = None
+    last_batch: float | None = None
 
     def add(self, events: int, batch: FaustBatch) -> None:
+        self.last_batch = time.monotonic()
         if self.first_batch is None:
-            self.first_batch = time.monotonic()
+            self.first_batch = self.last_batch
         self.consumed += events
         self.batches += 1
         self.outputs += len(batch.outputs)
@@ -179,11 +185,16 @@ def control_header(event: Event) -> bytes | None:
 class FaustEngine:
     """A faust.App with one agent; `run()` blocks until SIGTERM/SIGINT and returns 0."""
 
-    def __init__(self, settings: ProcessorSettings) -> None:
+    def __init__(self, settings: ProcessorSettings, *, stop_after: int | None = None) -> None:
         self.settings = settings
+        # Benchmarks: stop as on SIGTERM once this many events are consumed (a drained topic).
+        self.stop_after = stop_after
         self.bundle = BundleSource(settings.bundle).bundle
+        # The full model over the same window as the default engine (session_inputs and the
+        # bundle's window rule): the same lists, without incremental inference.
         self.scorer = OnnxScorer(self.bundle, settings.onnx_threads)
-        self.item_index = self.bundle.item_index()
+        self.items = self.scorer.items
+        self.stride = self.bundle.step.stride if self.bundle.step is not None else 1
         self.max_len = settings.session_max_len or self.bundle.max_len
         topics = settings.topics
         # The table must have the clicks topic's partition count (Faust checks co-partitioning).
@@ -241,6 +252,9 @@ class FaustEngine:
                 logger.critical("batch failed; exiting without committing it", exc_info=True)
                 os._exit(70)
             self.stats.add(len(events), batch)
+            if self.stop_after is not None and self.stats.consumed >= self.stop_after:
+                self.stop_after = None
+                os.kill(os.getpid(), signal.SIGTERM)  # the worker's own graceful stop
 
     def _produce(self, batch: FaustBatch) -> None:
         """Into Faust's producer buffer, which it flushes before it commits offsets."""
@@ -287,7 +301,7 @@ class FaustEngine:
                 result = decode_click(
                     msg.key,
                     msg.value,
-                    known_items=self.item_index,
+                    known_items=self.items.view.index,
                     now_ms=now,
                     limits=self.settings.limits,
                 )
@@ -334,32 +348,26 @@ class FaustEngine:
                     del self.sessions[key]
 
     def _score(self, batch: FaustBatch) -> None:
+        """The default engine's score step (stream.recommend) with the full model."""
         users = [u for u, t in batch.touched.items() if t.session is not None]
         batch.outputs += [(u, None) for u, t in batch.touched.items() if t.session is None]
         if not users:
             return
-        sessions = [batch.touched[u].session.items for u in users]  # type: ignore[union-attr]
-        seen, item_seq = model_inputs(sessions, self.item_index, self.scorer.max_len)
-        scores, failed = score_isolating_failures(self.scorer, item_seq, len(self.bundle.item_ids))
-        best, best_scores = top_k(scores, seen, self.settings.top_k)
-        generated = now_ms()
+        sessions = [cast(Session, batch.touched[u].session) for u in users]
+        done = recommend(
+            self.scorer, users, sessions, self.items.view, stride=self.stride,
+            k=self.settings.top_k,
+        )  # fmt: skip
         for row, user in enumerate(users):
             touched = batch.touched[user]
-            if row in failed:
-                batch.dead.append(
-                    (touched.event, Invalid("scoring_failed", str(failed[row])[:200]))
-                )
+            items = done.lists[row]
+            if items is None:
+                reason = str(done.failed[row])[:200]
+                batch.dead.append((touched.event, Invalid("scoring_failed", reason)))
                 continue
             _, partition, offset = _where(touched.event)
-            event_ts = touched.click.ts if isinstance(touched.click, ClickEvent) else generated
-            value = encode_recommendation(
-                user_id=user,
-                items=ranked_items(best[row], best_scores[row], self.bundle.item_ids),
-                model_version=self.scorer.model_version,
-                partition=partition,
-                offset=offset,
-                event_ts=event_ts,
-                generated_ts=generated,
+            value, _ = recommendation_record(
+                user, items, self.scorer.model_version, (partition, offset), touched.click
             )
             batch.outputs.append((user, value))
 
