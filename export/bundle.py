@@ -26,6 +26,11 @@ incremental pair, declared in the manifest's optional `step` section (see StepSp
                            and beyond each row's position are ignored)
                     output scores, hidden, new_kv float16 [batch, n_blocks, 2, d_model]
 
+A headless bundle (manifest `config.score_head` false; `export_bundle(score_head=False)`, the
+default above SCORE_HEAD_MAX_ITEMS items) has the same graphs without `scores`: serving ranks
+`hidden` against item_vectors.npy itself (exact or ANN, stream/ann.py), so a large catalogue's
+(B, num_items + 1) product is never computed inside onnxruntime. It must carry item_vectors.npy.
+
 The window the incremental path scores is the newest `window_len(...)` items (the rule below);
 on that window step.onnx equals model.onnx within the tolerance recorded in the manifest.
 
@@ -58,6 +63,9 @@ STEP = "step.onnx"
 ITEM_VECTORS = "item_vectors.npy"
 KNOWN_INPUTS = ("item_seq", "time_seq")
 CACHE_DTYPES = ("float16",)
+# Above this many items export_bundle leaves the score head out by default: scoring every item
+# per click costs ~1 ms per user at 100k items and ~13 ms at 1M (BENCHMARKS.md, catalogue).
+SCORE_HEAD_MAX_ITEMS = 200_000
 
 
 def default_stride(max_len: int) -> int:
@@ -151,6 +159,10 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     step: StepSpec | None = None  # the incremental pair, when the model has one
 
+    @property
+    def score_head(self) -> bool:
+        return bool(self.config.get("score_head", True))
+
     def to_json(self) -> str:
         body = asdict(self)
         body["inputs"] = list(self.inputs)
@@ -226,6 +238,11 @@ class Bundle:
     def item_vectors_path(self) -> Path | None:
         """item_vectors.npy (float32 [num_items + 1, d]) when the bundle has it."""
         return self.path / ITEM_VECTORS if ITEM_VECTORS in self.manifest.files else None
+
+    @property
+    def score_head(self) -> bool:
+        """False for a headless bundle: its graphs return `hidden` but no `scores`."""
+        return self.manifest.score_head
 
     @property
     def model_version(self) -> str:
@@ -348,7 +365,11 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
 
 def _check_required_files(manifest: Manifest) -> None:
     step_files = () if manifest.step is None else (manifest.step.prefill, manifest.step.step)
-    for required in (ITEMS, MODEL, *step_files):
+    head = manifest.config.get("score_head", True)
+    if not isinstance(head, bool):
+        raise BundleError(f"manifest config.score_head is {head!r}; it must be true or false")
+    vectors = () if head else (ITEM_VECTORS,)  # headless: serving scores items from these
+    for required in (ITEMS, MODEL, *step_files, *vectors):
         if required not in manifest.files:
             raise BundleError(f"manifest does not list {required}")
 

@@ -24,6 +24,13 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--out", required=True, type=Path, help="bundle directory (replaced if present)")
     p.add_argument("--model-version", help="default: sasrec-<UTC time>-<weights sha256 prefix>")
     p.add_argument("--opset", type=int, default=17)
+    head = p.add_mutually_exclusive_group()
+    head.add_argument(
+        "--no-score-head", dest="score_head", action="store_false", default=None,
+        help="headless graphs (hidden only): serving ranks items by ANN or exactly "
+        "(default above 200k items)",
+    )  # fmt: skip
+    head.add_argument("--score-head", dest="score_head", action="store_true")
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser(
@@ -47,8 +54,9 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         path = export_bundle(
-            args.checkpoint, args.out, model_version=args.model_version, opset=args.opset
-        )
+            args.checkpoint, args.out, model_version=args.model_version, opset=args.opset,
+            score_head=args.score_head,
+        )  # fmt: skip
         bundle = load_bundle(path)
     except (ExportError, ModelError) as exc:
         print(f"export: {exc}", file=sys.stderr)
@@ -58,6 +66,7 @@ def _export(args: argparse.Namespace) -> int:
         "model_version": bundle.model_version,
         "num_items": bundle.num_items,
         "max_len": bundle.max_len,
+        "score_head": bundle.score_head,
         "onnx_parity_max_abs_diff": bundle.manifest.metrics.get("onnx_parity_max_abs_diff"),
     }
     print(json.dumps(summary, indent=2))

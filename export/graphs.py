@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -97,3 +98,31 @@ def check_top_k(expected: np.ndarray, actual: np.ndarray, k: int, atol: float) -
         gaps = np.abs(np.diff(ordered[: k + 1]))
         if np.all(gaps > atol):
             raise ParityError(f"top-{k} differs in row {row}: want {want[row]}, got {got[row]}")
+
+
+def drop_outputs(path: Path, names: Sequence[str]) -> Path:
+    """Remove graph outputs `names` from the ONNX file at `path` in place, with every node and
+    initializer that only they needed (a headless model's score head: the (D, N + 1) item
+    table product), so onnxruntime never computes them."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    kept = [o for o in graph.output if o.name not in names]
+    del graph.output[:]
+    graph.output.extend(kept)
+    needed = {o.name for o in kept}
+    live = []
+    for node in reversed(graph.node):  # topological order: consumers come after producers
+        if any(out in needed for out in node.output):
+            live.append(node)
+            needed.update(node.input)
+            for attr in node.attribute:  # subgraphs (If/Loop) read outer names too
+                for sub in (*attr.g.node, *(n for g in attr.graphs for n in g.node)):
+                    needed.update(sub.input)
+    del graph.node[:]
+    graph.node.extend(reversed(live))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

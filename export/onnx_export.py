@@ -20,12 +20,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export.bundle import PREFILL, STEP, write_bundle
+from export.bundle import PREFILL, SCORE_HEAD_MAX_ITEMS, STEP, write_bundle
 from export.errors import ExportError, ParityError
 from export.graphs import (
     TOP_K,
     check_output,
     check_top_k,
+    drop_outputs,
     legacy_export,
     parity_times,
     parity_windows,
@@ -117,10 +118,18 @@ def export_bundle(
     model_version: str | None = None,
     metrics: dict[str, Any] | None = None,
     opset: int = 17,
+    score_head: bool | None = None,
 ) -> Path:
-    """Export the checkpoint's model, check parity, and write a verified bundle at out_dir."""
+    """Export the checkpoint's model, check parity, and write a verified bundle at out_dir.
+
+    `score_head=False` writes headless graphs (`hidden`, no `scores`; serving ranks items
+    outside onnxruntime); None = headless above SCORE_HEAD_MAX_ITEMS items. Parity is checked
+    on the full graphs before their score head is dropped.
+    """
     ckpt = load_checkpoint(Path(checkpoint))
     model = model_from_checkpoint(ckpt)
+    if score_head is None:
+        score_head = model.cfg.num_items <= SCORE_HEAD_MAX_ITEMS
     version = model_version or _default_version(model)
     with tempfile.TemporaryDirectory(prefix="streamrec-export-") as tmp:
         onnx_path = export_onnx(model, Path(tmp) / "model.onnx", opset=opset)
@@ -139,6 +148,10 @@ def export_bundle(
             logger.info("step parity: %s (step tolerance %.0e relative)", step_diffs, STEP_RTOL)
             bundle_metrics.update(step_diffs)
             step = step_spec(model)
+        if not score_head:
+            for path in (onnx_path, extra_files.get(PREFILL), extra_files.get(STEP)):
+                if path is not None:
+                    drop_outputs(path, ["scores"])
         write_bundle(
             Path(out_dir),
             model_file=onnx_path,
@@ -149,7 +162,12 @@ def export_bundle(
             inputs=model_inputs(model),
             training_data=dict(ckpt.get("dataset", {})),
             metrics=bundle_metrics,
-            config={**model.cfg.to_dict(), "opset": opset, "best_epoch": ckpt.get("epoch")},
+            config={
+                **model.cfg.to_dict(),
+                "opset": opset,
+                "best_epoch": ckpt.get("epoch"),
+                "score_head": score_head,
+            },
             extra_files=extra_files,
             step=step,
         )

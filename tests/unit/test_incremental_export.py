@@ -304,3 +304,60 @@ def test_bundle_extras_are_written_beside_item_vectors(tmp_path: Path) -> None:
     assert set(paths) == {ITEM_VECTORS, "text_proj_b.npy"}
     np.testing.assert_array_equal(np.load(paths["text_proj_b.npy"]), np.arange(4))
     assert np.load(paths[ITEM_VECTORS]).shape == (6, 8)
+
+
+def test_a_headless_bundle_returns_the_full_models_hidden_and_no_scores(
+    tmp_path: Path, exported
+) -> None:
+    ckpt, full_dir = exported
+    headless = load_bundle(export_bundle(ckpt, tmp_path / "headless", score_head=False))
+    full = load_bundle(full_dir)
+    assert headless.score_head is False and full.score_head is True
+    assert headless.manifest.config["score_head"] is False
+    assert headless.item_vectors_path is not None and headless.step is not None
+    vectors = np.load(headless.item_vectors_path)  # (N + 1, D)
+    windows = parity_windows(15, 10, 9)  # (B, L)
+
+    def run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds), strict=True))
+
+    got, want = (
+        run(headless.model_path, {"item_seq": windows}),
+        run(full.model_path, {"item_seq": windows}),
+    )
+    assert set(got) == {"hidden"}
+    np.testing.assert_allclose(got["hidden"], want["hidden"], atol=1e-5)
+    np.testing.assert_allclose(got["hidden"] @ vectors.T, want["scores"], atol=1e-4)
+    assert full.prefill_path and headless.prefill_path and headless.step_path
+    got, want = (
+        run(headless.prefill_path, {"item_seq": windows}),
+        run(full.prefill_path, {"item_seq": windows}),
+    )
+    assert set(got) == {"hidden", "kv"}
+    np.testing.assert_allclose(got["hidden"], want["hidden"], atol=1e-5)
+    np.testing.assert_array_equal(got["kv"], want["kv"])
+    position = np.array([3, 0, 7], dtype=np.int64)
+    feeds = {"item": np.array([1, 2, 3]), "position": position, "past_kv": got["kv"][:3, :, :, :8]}
+    assert full.step_path is not None
+    step, step_full = run(headless.step_path, feeds), run(full.step_path, feeds)
+    assert set(step) == {"hidden", "new_kv"}
+    np.testing.assert_allclose(step["hidden"], step_full["hidden"], atol=1e-5)
+    # The score head's item table left the graph with it: the file is smaller.
+    assert headless.model_path.stat().st_size < full.model_path.stat().st_size
+
+
+def test_a_headless_manifest_needs_item_vectors_and_a_boolean_flag(
+    tmp_path: Path, exported
+) -> None:
+    headless = export_bundle(exported[0], tmp_path / "h", score_head=False)
+    manifest = json.loads((headless / MANIFEST).read_text())
+    for config, files in (({"score_head": "no"}, manifest["files"]),
+                          ({"score_head": False}, {k: v for k, v in manifest["files"].items()
+                                                   if k != ITEM_VECTORS})):  # fmt: skip
+        bad = tmp_path / f"bad-{len(files)}"
+        shutil.copytree(headless, bad)
+        edited = {**manifest, "config": {**manifest["config"], **config}, "files": files}
+        (bad / MANIFEST).write_text(json.dumps(edited))
+        with pytest.raises(BundleError, match=r"score_head|item_vectors"):
+            load_bundle(bad)
