@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream.errors import ConfigError, ScoringError
+from stream.itemtable import TableView
 
 logger = logging.getLogger(__name__)
 
@@ -194,3 +195,66 @@ def _unseen(
     best_scores = np.take_along_axis(scores, order, axis=1).astype(np.float32)
     best[best_scores == -np.inf] = 0
     return best.astype(np.int64), best_scores
+
+
+class VectorRanker:
+    """Top-k for a headless bundle (no score head in its graphs): the bundle's items by
+    `index` (an AnnIndex over item_vectors.npy) or exactly when `index` is None, the item
+    table's runtime items exactly, merged; removed items and the session's own never ranked.
+    """
+
+    def __init__(self, vectors: FloatArray, index: AnnIndex | None) -> None:
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N + 1, D)
+        self.index = index
+
+    @classmethod
+    def for_bundle(
+        cls,
+        vectors: FloatArray,
+        mode: str,
+        cache_dir: Path | None,
+        params: AnnParams | None = None,
+    ) -> VectorRanker:
+        """mode exact | ann | auto (ann when faiss is installed, else exact with a warning)."""
+        if mode == "exact":
+            return cls(vectors, None)
+        if mode == "auto":
+            try:
+                _faiss()
+            except ConfigError:
+                logger.warning("faiss is not installed: exact top-k over %d items", len(vectors))
+                return cls(vectors, None)
+        return cls(vectors, AnnIndex.load_or_build(vectors, cache_dir, params))
+
+    def top_k(
+        self, hidden: FloatArray, seen: IntArray, view: TableView, k: int
+    ) -> tuple[IntArray, FloatArray]:
+        """hidden (B, D), seen (B, S) -> best (B, k') indices into the table and scores,
+        best first, padded with 0 / -inf (stream.scoring.top_k's contract)."""
+        n1 = len(self.vectors)  # N + 1
+        mask = view.hidden_mask
+        removed = np.zeros(0, np.int64) if mask is None else np.flatnonzero(mask[:n1])
+        bundle_seen = np.where(seen < n1, seen, 0)  # (B, S) runtime items are not indexed
+        if removed.size:  # removed bundle items are dropped like seen ones
+            dropped = np.broadcast_to(removed, (len(seen), removed.size))
+            bundle_seen = np.hstack([bundle_seen, dropped])
+        if self.index is None:
+            best, best_scores = exact_top_k(hidden, self.vectors, bundle_seen, k)
+        else:
+            best, best_scores = self.index.top_k(hidden, bundle_seen, k)
+        if not len(view.runtime):
+            return best, best_scores
+        # Runtime items (index N + 1 + j): exactly, then one merge of k + M candidates per row.
+        extra = (hidden @ view.runtime.T).astype(np.float32)  # (B, M)
+        if mask is not None:
+            extra[:, mask[n1:]] = -np.inf
+        rows, cols = np.nonzero(seen >= n1)
+        extra[rows, seen[rows, cols] - n1] = -np.inf
+        ids = np.hstack([best, np.broadcast_to(n1 + np.arange(extra.shape[1]), extra.shape)])
+        scores = np.hstack([best_scores, extra])  # (B, k' + M)
+        k = min(k, view.width - 1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best = np.take_along_axis(ids, order, axis=1).astype(np.int64)
+        best_scores = np.take_along_axis(scores, order, axis=1)
+        best[~np.isfinite(best_scores)] = 0
+        return best, best_scores

@@ -150,6 +150,11 @@ class ProcessorSettings(BaseSettings):
     # Memory for the K/V cache's LRU (~25 KB per user at d=64, 2 blocks, max_len 50): 256 MB
     # keeps ~10k active users; evicted entries go to RocksDB and come back on their next click.
     kv_cache_mb: float = Field(default=256.0, ge=0.0)
+    # Top-k of a headless bundle (no score head: large catalogues): ann = faiss HNSW over its
+    # item_vectors.npy (index cached in state_dir/ann), exact = chunked hidden @ V.T, auto =
+    # ann when faiss is installed. Bundles with a score head rank their scores exactly.
+    topk: Literal["auto", "exact", "ann"] = "auto"
+    ann_ef_search: int = Field(default=256, ge=1)  # HNSW beam: µs per query vs recall
     # Follow the items topic: items the bundle lacks are embedded (text_encoder), projected
     # into the model's item space and recommendable without a restart (stream/catalogue.py).
     follow_items: bool = True

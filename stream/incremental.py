@@ -35,6 +35,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from export.bundle import Bundle
+from stream.ann import AnnParams, VectorRanker
 from stream.config import ProcessorSettings
 from stream.errors import ScoringError, StreamError
 from stream.itemtable import TableView
@@ -46,10 +47,12 @@ from stream.scoring import (
     OnnxScorer,
     Scored,
     Scorer,
+    check_hidden,
     check_scores,
     full_scores,
     isolate_failures,
     onnx_session,
+    top_k,
 )
 from stream.state import RocksSessionStore, Session
 
@@ -59,6 +62,11 @@ Array = npt.NDArray[Any]
 
 _PREFILL_IO = ({"item_seq"}, ["scores", "hidden", "kv"])
 _STEP_IO = ({"item", "position", "past_kv"}, ["scores", "hidden", "new_kv"])
+
+
+def _io(io: tuple[set[str], list[str]], head: bool) -> tuple[set[str], list[str]]:
+    """A headless bundle's graphs have the same inputs and outputs less `scores`."""
+    return io if head else (io[0], io[1][1:])
 
 
 class IncrementalScorer:
@@ -87,10 +95,14 @@ class IncrementalScorer:
         self.bundle, self.items = bundle, self.full.items
         self.model_version, self.max_len = bundle.model_version, bundle.max_len
         self.stride = spec.stride
+        self.score_head = bundle.score_head
+        self.ranker: VectorRanker | None = None  # top-k of a headless bundle (make_scorer)
         self._prefill = onnx_session(prefill, threads)
         self._step = onnx_session(step, threads)
-        _check_io(self._prefill, prefill.name, _PREFILL_IO)
-        _check_io(self._step, step.name, _STEP_IO)
+        self._prefill_io = _io(_PREFILL_IO, self.score_head)
+        self._step_io = _io(_STEP_IO, self.score_head)
+        _check_io(self._prefill, prefill.name, self._prefill_io)
+        _check_io(self._step, step.name, self._step_io)
         self.kv_shape = (spec.n_blocks, 2, spec.d_model)
         # Last: it drops RocksDB's entries of another model, so only once the model loaded.
         self.cache = KVCache(
@@ -107,7 +119,7 @@ class IncrementalScorer:
     def score(self, item_seq: IntArray) -> FloatArray:
         return self.full.score(item_seq)
 
-    def score_hidden(self, item_seq: IntArray) -> tuple[FloatArray, FloatArray | None]:
+    def score_hidden(self, item_seq: IntArray) -> tuple[FloatArray | None, FloatArray | None]:
         return self.full.score_hidden(item_seq)
 
     def add_items(self, item_ids: Sequence[str], vectors: FloatArray) -> int:
@@ -117,24 +129,37 @@ class IncrementalScorer:
         self.full.remove_items(item_ids)
 
     # -- the two ONNX calls (tests wrap these to simulate model defects) ----------------------
-    def run_prefill(self, item_seq: IntArray) -> tuple[FloatArray, FloatArray, HalfArray]:
-        """(b, L) -> scores (b, N + 1), hidden (b, D), kv (b, nb, 2, L, D)."""
-        scores, hidden, kv = _run(self._prefill, _PREFILL_IO[1], {"item_seq": item_seq})
-        self._check(scores, kv, (len(item_seq), *self.kv_shape[:2], self.max_len, self.kv_shape[2]))
+    def run_prefill(self, item_seq: IntArray) -> tuple[FloatArray | None, FloatArray, HalfArray]:
+        """(b, L) -> scores (b, N + 1) (None when headless), hidden (b, D), kv (b, nb, 2, L, D)."""
+        scores, hidden, kv = self._outputs(self._prefill, self._prefill_io, {"item_seq": item_seq})
+        self._check(
+            scores, hidden, kv, (len(item_seq), *self.kv_shape[:2], self.max_len, self.kv_shape[2])
+        )
         return scores, hidden, kv
 
     def run_step(
         self, item: IntArray, position: IntArray, past_kv: HalfArray
-    ) -> tuple[FloatArray, FloatArray, HalfArray]:
-        """item (b,), position (b,), past_kv (b, nb, 2, P, D) -> scores, hidden, new_kv
-        (b, nb, 2, D)."""
+    ) -> tuple[FloatArray | None, FloatArray, HalfArray]:
+        """item (b,), position (b,), past_kv (b, nb, 2, P, D) -> scores (None when headless),
+        hidden, new_kv (b, nb, 2, D)."""
         feeds: dict[str, Array] = {"item": item, "position": position, "past_kv": past_kv}
-        scores, hidden, new_kv = _run(self._step, _STEP_IO[1], feeds)
-        self._check(scores, new_kv, (len(item), *self.kv_shape))
+        scores, hidden, new_kv = self._outputs(self._step, self._step_io, feeds)
+        self._check(scores, hidden, new_kv, (len(item), *self.kv_shape))
         return scores, hidden, new_kv
 
-    def _check(self, scores: FloatArray, kv: HalfArray, shape: tuple[int, ...]) -> None:
-        check_scores(scores, shape[0], self.bundle.num_items + 1)
+    def _outputs(
+        self, session: ort.InferenceSession, io: tuple[set[str], list[str]], feeds: dict[str, Array]
+    ) -> tuple[Any, Any, Any]:
+        out = _run(session, io[1], feeds)
+        return (out[0], out[1], out[2]) if self.score_head else (None, out[0], out[1])
+
+    def _check(
+        self, scores: FloatArray | None, hidden: FloatArray, kv: HalfArray, shape: tuple[int, ...]
+    ) -> None:
+        if scores is None:
+            check_hidden(hidden, shape[0])
+        else:
+            check_scores(scores, shape[0], self.bundle.num_items + 1)
         if kv.shape != shape or kv.dtype != np.float16:
             raise ScoringError(
                 f"model returned K/V {kv.dtype} {kv.shape}; expected float16 {shape}"
@@ -163,7 +188,8 @@ class IncrementalScorer:
         last = np.fromiter((s.offsets[-1] if s.offsets else -1 for s in sessions), np.int64, B)
         parts = np.fromiter((s.partition for s in sessions), np.int64, B)
         stepping = cache.steppable(slots, inputs.starts, pending, prev, parts, self.max_catch_up)
-        scores = np.full((B, view.num_model), -np.inf, dtype=np.float32)
+        width = view.num_model if self.score_head else 0  # headless: ranked from hidden
+        scores = np.full((B, width), -np.inf, dtype=np.float32)
         hidden = np.zeros((B, self.kv_shape[2]), dtype=np.float32)
         self.timings["lookup"] += time.perf_counter() - t0
         out = _Outputs(scores, hidden, last, parts)
@@ -172,6 +198,8 @@ class IncrementalScorer:
         if failed:
             cache.drop([users[r] for r in failed])
         cache.write_back()
+        if not self.score_head:
+            return Scored(None, hidden, failed)
         return Scored(view.extend(scores, hidden), hidden, failed)
 
     def _steps(
@@ -202,7 +230,7 @@ class IncrementalScorer:
                 more = lo + int((k[lo:hi] > j + 1).sum())  # rows with a later wave
                 work[np.arange(lo, more), :, :, positions[: more - lo]] = new_kv[: more - lo]
                 self.cache.append(slots[lo:b], new_kv, out.last[rows[lo:b]])
-                out.keep(rows[more:b], scores[more - lo :], hidden[more - lo :])
+                out.keep(rows[more:b], scores, hidden, more - lo)
                 self.timings["step"] += t2 - t1
                 self.timings["scatter"] += time.perf_counter() - t2
                 self.rows["step_positions"] += b - lo
@@ -244,9 +272,13 @@ class _Outputs:
     ) -> None:
         self.scores, self.hidden, self.last, self.parts = scores, hidden, last, parts
 
-    def keep(self, rows: IntArray, scores: FloatArray, hidden: FloatArray) -> None:
-        self.scores[rows] = scores
-        self.hidden[rows] = hidden
+    def keep(
+        self, rows: IntArray, scores: FloatArray | None, hidden: FloatArray, skip: int = 0
+    ) -> None:
+        """Rows `rows` take the call's outputs from its row `skip` on."""
+        if scores is not None:
+            self.scores[rows] = scores[skip:]
+        self.hidden[rows] = hidden[skip:]
 
 
 def _in_batch(rows: IntArray, failed: dict[int, ScoringError]) -> dict[int, ScoringError]:
@@ -277,13 +309,23 @@ def make_scorer(
     """The scorer `settings.inference` asks for (auto: incremental when the bundle can); the
     K/V cache persists in `store` when it is a RocksSessionStore."""
     mode = settings.inference
+    scorer: OnnxScorer | IncrementalScorer
     if mode == "full" or (mode == "auto" and bundle.step is None):
-        return OnnxScorer(bundle, settings.onnx_threads, max_rows=settings.onnx_max_rows)
-    backing = store if isinstance(store, RocksSessionStore) else None
-    return IncrementalScorer(
-        bundle, settings.onnx_threads, cache_bytes=int(settings.kv_cache_mb * (1 << 20)),
-        backing=backing, max_rows=settings.onnx_max_rows,
-    )  # fmt: skip
+        scorer = OnnxScorer(bundle, settings.onnx_threads, max_rows=settings.onnx_max_rows)
+    else:
+        backing = store if isinstance(store, RocksSessionStore) else None
+        scorer = IncrementalScorer(
+            bundle, settings.onnx_threads, cache_bytes=int(settings.kv_cache_mb * (1 << 20)),
+            backing=backing, max_rows=settings.onnx_max_rows,
+        )  # fmt: skip
+    if not bundle.score_head:
+        vectors = scorer.items.view.bundle_vectors
+        assert vectors is not None  # a headless bundle must carry item_vectors.npy
+        params = AnnParams(ef_search=settings.ann_ef_search)
+        scorer.ranker = VectorRanker.for_bundle(
+            vectors, settings.topk, settings.state_dir / "ann", params
+        )
+    return scorer
 
 
 def score_batch(
@@ -294,6 +336,20 @@ def score_batch(
     if isinstance(scorer, IncrementalScorer):
         return scorer.score_sessions(users, sessions, inputs, view)
     return full_scores(scorer, inputs, view)
+
+
+def rank_batch(
+    scorer: Scorer, scored: Scored, seen: IntArray, view: TableView, k: int
+) -> tuple[IntArray, FloatArray]:
+    """Best k item indices per row and their scores (stream.scoring.top_k's contract): from
+    the scores when the model has a score head, else from the hidden states by the scorer's
+    VectorRanker (ANN or exact over item_vectors.npy, runtime items merged exactly)."""
+    if scored.scores is not None:
+        return top_k(scored.scores, seen, k)
+    ranker = getattr(scorer, "ranker", None)
+    if not isinstance(ranker, VectorRanker) or scored.hidden is None:
+        raise ScoringError("a headless model needs a ranker: build the scorer with make_scorer")
+    return ranker.top_k(scored.hidden, seen, view, k)
 
 
 def kv_cache_of(scorer: Scorer) -> KVCache | None:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from stream.batch import now_ms
 from stream.codec import ClickEvent, RecommendedItem, encode_recommendation
 from stream.errors import ScoringError
-from stream.incremental import score_batch
+from stream.incremental import rank_batch, score_batch
 from stream.itemtable import TableView
-from stream.scoring import Explainer, Scorer, ranked_items, session_inputs, top_k
+from stream.scoring import Explainer, Scorer, ranked_items, session_inputs
 from stream.state import Session
 
 
@@ -47,7 +47,7 @@ def recommend(
     """
     inputs = session_inputs(sessions, view, scorer.max_len, stride)
     scored = score_batch(scorer, users, sessions, inputs, view)
-    best, best_scores = top_k(scored.scores, inputs.seen, k)  # (B, k) each
+    best, best_scores = rank_batch(scorer, scored, inputs.seen, view, k)  # (B, k) each
     because = None if explain is None else explain(best, inputs.item_seq, view.vectors)
     # Python lists once per batch: per-element numpy scalars cost ~4 µs per output.
     ranked, scores = best.tolist(), best_scores.tolist()

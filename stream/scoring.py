@@ -27,6 +27,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from export.bundle import KNOWN_INPUTS, Bundle, window_len
+from stream.ann import VectorRanker
 from stream.codec import RecommendedItem
 from stream.errors import ScoringError
 from stream.itemtable import ItemTable, TableView
@@ -84,9 +85,11 @@ class OnnxScorer:
     def __init__(self, bundle: Bundle, threads: int = 1, *, max_rows: int | None = None) -> None:
         self.bundle = bundle
         self.max_rows = max_rows  # rows per onnxruntime call (None: the whole batch)
+        self.ranker: VectorRanker | None = None  # top-k of a headless bundle (make_scorer)
         self.model_version = bundle.model_version
         self.max_len = bundle.max_len
         self._session = onnx_session(bundle.model_path, threads)
+        self.score_head = bundle.score_head  # False: hidden only, items ranked outside ONNX
         self._check_contract()
         self.items = load_item_table(bundle)
 
@@ -103,10 +106,11 @@ class OnnxScorer:
         its first batch (a hot reload would otherwise dead-letter every event afterwards)."""
         inputs = {i.name: i for i in self._session.get_inputs()}
         outputs = {o.name: o for o in self._session.get_outputs()}
-        if "item_seq" not in inputs or "scores" not in outputs:
+        head = "scores" if self.score_head else "hidden"
+        if "item_seq" not in inputs or head not in outputs:
             raise ScoringError(
                 f"model.onnx has inputs {sorted(inputs)} and outputs {list(outputs)}; the bundle "
-                "contract needs input item_seq and output scores"
+                f"contract needs input item_seq and output {head}"
             )
         problems = []
         extra = sorted(set(inputs) - set(KNOWN_INPUTS))
@@ -115,7 +119,9 @@ class OnnxScorer:
         for name in KNOWN_INPUTS:
             if name in inputs:
                 problems += tensor_problems(inputs[name], "tensor(int64)", self.max_len)
-        problems += tensor_problems(outputs["scores"], "tensor(float)", self.bundle.num_items + 1)
+        if self.score_head:
+            width = self.bundle.num_items + 1
+            problems += tensor_problems(outputs["scores"], "tensor(float)", width)
         if "hidden" in outputs:
             problems += tensor_problems(outputs["hidden"], "tensor(float)", None)
         if problems:
@@ -124,12 +130,17 @@ class OnnxScorer:
                 + "; ".join(problems)
             )
         self._uses_time = "time_seq" in inputs
-        self._outputs = ["scores", "hidden"] if "hidden" in outputs else ["scores"]
+        self._outputs = [
+            n
+            for n in ("scores", "hidden")
+            if n in outputs and (n, self.score_head) != ("scores", False)
+        ]
 
     def score_hidden(
         self, item_seq: IntArray, time_seq: IntArray | None = None
-    ) -> tuple[FloatArray, FloatArray | None]:
-        """(B, max_len) int64 -> scores (B, num_items + 1), hidden (B, D) or None."""
+    ) -> tuple[FloatArray | None, FloatArray | None]:
+        """(B, max_len) int64 -> scores (B, num_items + 1) (None when headless), hidden (B, D)
+        (None when the model has no hidden output)."""
         feeds = {"item_seq": item_seq}
         if self._uses_time:
             feeds["time_seq"] = time_seq if time_seq is not None else np.zeros_like(item_seq)
@@ -137,12 +148,21 @@ class OnnxScorer:
             out = self._session.run(self._outputs, feeds)
         except Exception as exc:
             raise ScoringError(f"onnxruntime failed on a batch of {len(item_seq)}: {exc}") from exc
+        if not self.score_head:
+            check_hidden(out[0], len(item_seq))
+            return None, out[0]
         check_scores(out[0], len(item_seq), self.bundle.num_items + 1)
         return out[0], (out[1] if len(out) > 1 else None)
 
     def score(self, item_seq: IntArray, time_seq: IntArray | None = None) -> FloatArray:
-        """(B, max_len) int64 -> (B, num_items + 1) float32."""
-        return self.score_hidden(item_seq, time_seq)[0]
+        """(B, max_len) int64 -> (B, num_items + 1) float32 (a headless model's hidden @ V.T:
+        every item, for callers outside the hot path)."""
+        scores, hidden = self.score_hidden(item_seq, time_seq)
+        if scores is None:
+            vectors = self.items.view.bundle_vectors  # a headless bundle always has them
+            assert hidden is not None and vectors is not None
+            return (hidden @ vectors.T).astype(np.float32, copy=False)  # (B, N + 1)
+        return scores
 
 
 def check_scores(scores: FloatArray, batch: int, width: int) -> None:
@@ -152,6 +172,17 @@ def check_scores(scores: FloatArray, batch: int, width: int) -> None:
             f"model returned scores {scores.dtype} {scores.shape} for a batch of {batch}; "
             f"the contract says float32 ({batch}, {width})"
         )
+
+
+def check_hidden(hidden: FloatArray, batch: int) -> None:
+    """A headless model's (batch, D) float32 hidden state, finite (a NaN ranks anything)."""
+    if hidden.ndim != 2 or len(hidden) != batch or hidden.dtype != np.float32:
+        raise ScoringError(
+            f"model returned hidden {hidden.dtype} {hidden.shape} for a batch of {batch}; "
+            f"the contract says float32 ({batch}, d_model)"
+        )
+    if not np.isfinite(hidden).all():
+        raise ScoringError("model returned a non-finite hidden state")
 
 
 def tensor_problems(arg: ort.NodeArg, dtype: str, width: int | None) -> list[str]:
@@ -326,7 +357,7 @@ Explainer = Callable[[IntArray, IntArray, FloatArray], IntArray]
 class Scored:
     """One batch's scores over the item table, and the model's hidden state per row."""
 
-    scores: FloatArray  # (B, N + 1 + M); failed rows are -inf
+    scores: FloatArray | None  # (B, N + 1 + M), failed rows -inf; None when headless
     hidden: FloatArray | None  # (B, D); None when model.onnx has no hidden output
     failed: dict[int, ScoringError]
 
@@ -338,9 +369,10 @@ def full_scores(scorer: Scorer, inputs: ModelInputs, view: TableView) -> Scored:
     a plain Scorer (a test's wrapper) gives scores only.
     """
     item_seq = inputs.item_seq
-    with_hidden: Callable[[IntArray], tuple[FloatArray, FloatArray | None]] | None
+    with_hidden: Callable[[IntArray], tuple[FloatArray | None, FloatArray | None]] | None
     with_hidden = getattr(scorer, "score_hidden", None)
-    scores = np.full((len(item_seq), view.num_model), -np.inf, dtype=np.float32)
+    head = getattr(scorer, "score_head", True)
+    scores = np.full((len(item_seq), view.num_model if head else 0), -np.inf, dtype=np.float32)
     hidden: FloatArray | None = None
 
     def call(lo: int, hi: int) -> None:
@@ -349,13 +381,16 @@ def full_scores(scorer: Scorer, inputs: ModelInputs, view: TableView) -> Scored:
             scores[lo:hi] = scorer.score(item_seq[lo:hi])
             return
         part, part_hidden = with_hidden(item_seq[lo:hi])
-        scores[lo:hi] = part
+        if part is not None:
+            scores[lo:hi] = part
         if part_hidden is not None:
             if hidden is None:
                 hidden = np.zeros((len(item_seq), part_hidden.shape[1]), dtype=np.float32)
             hidden[lo:hi] = part_hidden
 
     failed = isolate_failures(call, len(item_seq), getattr(scorer, "max_rows", None))
+    if not head:
+        return Scored(None, hidden, failed)
     return Scored(view.extend(scores, hidden), hidden, failed)
 
 

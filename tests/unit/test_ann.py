@@ -103,3 +103,36 @@ def test_an_index_is_saved_once_and_read_back(tmp_path) -> None:
     other[1] += 1.0
     AnnIndex.load_or_build(other, tmp_path)
     assert len(list(tmp_path.glob("hnsw-*.faiss"))) == 2  # new vectors, new file
+
+
+@pytest.mark.parametrize("mode", ["exact", "ann"])
+def test_the_vector_ranker_merges_runtime_items_and_drops_seen_and_removed_ones(
+    mode: str, tmp_path
+) -> None:
+    from stream.ann import VectorRanker
+    from stream.itemtable import ItemTable
+
+    vectors = clustered(300)
+    table = ItemTable(["", *(f"i{k}" for k in range(1, 301))], vectors)
+    extra = clustered(5, seed=9)[1:] * 3  # (5, D) long vectors: runtime items rank high
+    table.add_items([f"r{k}" for k in range(5)], extra)
+    table.remove_items(["r1", "i7"])
+    view = table.view
+    hidden = queries(vectors, 30)
+    seen = sessions(30, 6, 300)
+    seen[:, 0] = 301 + 3  # every session clicked runtime item r3
+    ranker = VectorRanker.for_bundle(vectors, mode, tmp_path)
+    best, best_scores = ranker.top_k(hidden, seen, view, 10)
+    scores = hidden @ view.vectors.T  # (B, 306): the truth over the whole table
+    scores[:, view.hidden_mask] = -np.inf
+    want, want_scores = top_k(scores, seen, 10)
+    assert best.shape == (30, 10) and (best > 0).all()
+    assert not np.isin(best, [0, 7, 302, 304]).any(), "padding, removed and seen never ranked"
+    assert not (best[:, :, None] == seen[:, None, :]).any()
+    if mode == "exact":
+        np.testing.assert_array_equal(best, want)
+        np.testing.assert_allclose(best_scores, want_scores, rtol=1e-5)
+    else:
+        hits = np.mean([len(set(b) & set(w)) / 10 for b, w in zip(best, want, strict=True)])
+        assert hits >= 0.9
+    assert (np.diff(best_scores, axis=1) <= 1e-6).all(), "best first"
