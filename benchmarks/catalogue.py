@@ -17,12 +17,21 @@ or scored exactly because seen items filled their candidates).
 Scoring-stage events/s per size = 1e6 / (model µs per row + top-k µs per row): each event a
 different user, as with uniform users; the model part is model.onnx / step.onnx reduced to
 their hidden output (their in-graph score heads grow with the catalogue; see BENCHMARKS.md).
+
+Serving stage per size (`serving`, skipped with --no-serving): the serving code itself on a
+headless bundle — the small model's graphs without their score head, items.csv and
+item_vectors.npy holding the grown catalogue (sessions click the trained items only: the
+graphs embed those) — `IncrementalScorer.score_sessions` (step.onnx, K/V cache, 256 rows per
+call) then `rank_batch` through `VectorRanker` (HNSW and exact), one click per user per
+round after a prefill round; events/s = clicks / (score + rank seconds). HNSW indexes are
+cached in ~/.cache/streamrec/ann by the vectors' digest (a 1M build takes minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -36,10 +45,14 @@ from benchmarks.meta import run_metadata, write_result
 from benchmarks.model_ceiling import session, step_feeds, timed
 from benchmarks.pipeline import ensure_bundle
 from benchmarks.scaling import vm_rss_mb
-from export.bundle import Bundle, load_bundle
-from stream.ann import AnnIndex, AnnParams, exact_top_k
+from export.bundle import ITEM_VECTORS, Bundle, load_bundle, write_bundle
+from stream.ann import AnnIndex, AnnParams, VectorRanker, exact_top_k
+from stream.incremental import IncrementalScorer, rank_batch
+from stream.scoring import session_inputs
+from stream.state import Session
 
 K = 10
+INDEX_CACHE = Path.home() / ".cache" / "streamrec" / "ann"
 
 
 def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 20) -> np.ndarray:
@@ -148,7 +161,7 @@ def measure_size(
     """Exact vs HNSW at one catalogue size; vectors (N + 1, D) with row 0 padding."""
     (truth, _), exact_us = per_query(lambda: exact_top_k(hidden, vectors, seen, K), len(hidden))
     rss0, start = vm_rss_mb(), time.perf_counter()
-    ann = AnnIndex.build(vectors, params)
+    ann = AnnIndex.load_or_build(vectors, INDEX_CACHE, params)  # build time 0 when cached
     level: dict[str, Any] = {
         "items": len(vectors) - 1,
         "exact_us_per_query": exact_us,
@@ -174,6 +187,75 @@ def measure_size(
     return level
 
 
+def headless_bundle(b: Bundle, vectors: np.ndarray, out: Path) -> Bundle:
+    """b's graphs without their score head, serving the catalogue `vectors` (n + 1, D)."""
+    from export.graphs import drop_outputs  # torch: the benchmark environment has it
+
+    work = out.parent / f"{out.name}-files"
+    work.mkdir(parents=True)
+    files = {}
+    for name in ("model.onnx", b.step.prefill, b.step.step) if b.step else ():
+        files[name] = drop_outputs(Path(shutil.copy(b.path / name, work / name)), ["scores"])
+    np.save(work / ITEM_VECTORS, vectors, allow_pickle=False)
+    ids = [*b.item_ids[1:], *(f"grown-{i}" for i in range(len(vectors) - 1 - b.num_items))]
+    write_bundle(
+        out, model_file=files.pop("model.onnx"), items=[(i, "") for i in ids],
+        model_name="sasrec", model_version=f"{b.model_version}-headless-{len(ids)}",
+        max_len=b.max_len, config={"score_head": False},
+        extra_files={**files, ITEM_VECTORS: work / ITEM_VECTORS}, step=b.step,
+    )  # fmt: skip
+    return load_bundle(out)
+
+
+def serving_stage(
+    b: Bundle, vectors: np.ndarray, seen: np.ndarray, params: AnnParams, rounds: int, work: Path
+) -> dict[str, Any]:
+    """events/s of score_sessions + rank_batch on a headless bundle, HNSW and exact top-k."""
+    if b.step is None:
+        return {}
+    hb = headless_bundle(b, vectors, work / f"headless-{len(vectors) - 1}")
+    rng = np.random.default_rng(1)
+    out: dict[str, Any] = {}
+    for mode in ("ann", "exact"):
+        scorer = IncrementalScorer(hb, 1, max_rows=256)
+        scorer.ranker = VectorRanker.for_bundle(hb_vectors(hb), mode, INDEX_CACHE, params)
+        view, users = scorer.items.view, [f"u{r}" for r in range(len(seen))]
+        sessions = [Session() for _ in users]
+        for s, row in zip(sessions, seen.tolist(), strict=True):
+            for t, i in enumerate(j for j in row if j):
+                s.append(hb.item_ids[i], ts=t, partition=0, offset=t, max_len=b.max_len)
+        score_s = rank_s = 0.0
+        for n in range(rounds + 1):  # round 0 prefills every user's cache: not timed
+            clicks = rng.integers(1, b.num_items + 1, len(users))
+            for s, i in zip(sessions, clicks.tolist(), strict=True):
+                s.append(hb.item_ids[i], ts=99, partition=0, offset=len(s.offsets) + 1000,
+                         max_len=b.max_len)  # fmt: skip
+            t0 = time.perf_counter()
+            inputs = session_inputs(sessions, view, b.max_len, b.step.stride)
+            scored = scorer.score_sessions(users, sessions, inputs, view)
+            t1 = time.perf_counter()
+            rank_batch(scorer, scored, inputs.seen, view, K)
+            t2 = time.perf_counter()
+            if n:
+                score_s, rank_s = score_s + t1 - t0, rank_s + t2 - t1
+        events = rounds * len(users)
+        out[mode] = {
+            "events_per_s": events / (score_s + rank_s),
+            "score_us_per_event": 1e6 * score_s / events,
+            "rank_us_per_event": 1e6 * rank_s / events,
+            "step_rows": scorer.rows["step"],
+            "prefill_rows": scorer.rows["prefill"],
+        }
+        print(len(vectors) - 1, "serving", mode, out[mode], flush=True)
+    return out
+
+
+def hb_vectors(hb: Bundle) -> np.ndarray:
+    assert hb.item_vectors_path is not None
+    vectors: np.ndarray = np.load(hb.item_vectors_path)
+    return vectors
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/catalogue.json"))
@@ -186,12 +268,15 @@ def main() -> int:
     parser.add_argument("--m", type=int, default=AnnParams.m)
     parser.add_argument("--ef-construction", type=int, default=AnnParams.ef_construction)
     parser.add_argument("--model-seconds", type=float, default=2.0)
+    parser.add_argument("--serving-rounds", type=int, default=3, help="clicks per user timed")
+    parser.add_argument("--no-serving", action="store_true", help="skip the serving stage")
     args = parser.parse_args()
     params = AnnParams(m=args.m, ef_construction=args.ef_construction)
     efs = [int(e) for e in args.ef.split(",")]
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as work:
-        b = load_bundle(ensure_bundle(Path(work), args.bundle, args.train_seconds))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        b = load_bundle(ensure_bundle(work, args.bundle, args.train_seconds))
         if b.item_vectors_path is None:
             raise SystemExit(f"{b.path} has no item_vectors.npy: re-export it")
         base = np.load(b.item_vectors_path)  # (N0 + 1, D)
@@ -199,19 +284,17 @@ def main() -> int:
         full = session(b.model_path, 1)
         hidden, seen = sample_sessions(full, b, args.queries, args.session_len, rng)
         model = model_cost(b, min(args.queries, 256), args.model_seconds)
-    levels = []
-    for size in args.sizes.split(","):
-        n = b.num_items if size == "base" else int(size)
-        grown = grow(base[1:], n)
-        vectors = np.vstack([np.zeros((1, base.shape[1]), np.float32), grown])  # (n + 1, D)
-        level = measure_size(vectors, hidden, seen, params, efs)
-        for path, us in model.items():
-            name = path.removesuffix("_us_per_row")
-            level[f"events_per_s_{name}_exact"] = 1e6 / (us + level["exact_us_per_query"])
-            level[f"events_per_s_{name}_ann"] = {
-                a["ef_search"]: 1e6 / (us + a["us_per_query"]) for a in level["ann"]
-            }
-        levels.append(level)
+        levels = []
+        for size in args.sizes.split(","):
+            n = b.num_items if size == "base" else int(size)
+            grown = grow(base[1:], n)
+            vectors = np.vstack([np.zeros((1, base.shape[1]), np.float32), grown])  # (n + 1, D)
+            level = measure_size(vectors, hidden, seen, params, efs)
+            if not args.no_serving:
+                level["serving"] = serving_stage(
+                    b, vectors, seen, params, args.serving_rounds, work
+                )
+            levels.append(_events(level, model))
     result = {
         **run_metadata(),
         "bundle": {
@@ -231,6 +314,16 @@ def main() -> int:
     }
     write_result(args.out, result)
     return 0
+
+
+def _events(level: dict[str, Any], model: dict[str, float]) -> dict[str, Any]:
+    for path, us in model.items():
+        name = path.removesuffix("_us_per_row")
+        level[f"events_per_s_{name}_exact"] = 1e6 / (us + level["exact_us_per_query"])
+        level[f"events_per_s_{name}_ann"] = {
+            a["ef_search"]: 1e6 / (us + a["us_per_query"]) for a in level["ann"]
+        }
+    return level
 
 
 if __name__ == "__main__":

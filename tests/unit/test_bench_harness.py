@@ -53,6 +53,9 @@ def test_catalogue_module_writes_every_key_the_report_reads(trained, tmp_path, m
         report._get(result, key)
     assert [lv["items"] for lv in result["levels"]] == [15, 300]
     assert all(0.0 <= a["recall_at_10"] <= 1.0 for lv in result["levels"] for a in lv["ann"])
+    serving = result["levels"][1]["serving"]  # headless bundle through IncrementalScorer
+    assert serving["ann"]["step_rows"] == serving["exact"]["step_rows"] == 3 * 30
+    assert all(serving[m]["events_per_s"] > 0 for m in ("ann", "exact"))
 
 
 def test_latency_legs_are_taken_from_the_measured_window_only() -> None:
