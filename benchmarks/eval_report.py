@@ -183,9 +183,11 @@ def plot_section(report: dict[str, Any], path: Path) -> Path | None:
             if group == "cold":
                 ax.axhline(result["chance_hr@10"], color="gray", ls=":", label="chance HR@10")
             ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+            top = max(r[group]["test"]["hr@10"] for r in result["rows"])
+            ax.set_ylim(0, 1.45 * max(top, result["chance_hr@10"], 1e-3))  # room for the legend
             ax.set(title=f"{group} test cases", ylabel="test metric")
             ax.grid(alpha=0.3, axis="y")
-            ax.legend()
+            ax.legend(ncol=3, fontsize=8, loc="upper left")
     else:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for row in result["rows"]:
@@ -272,6 +274,8 @@ def render_cold(report: dict[str, Any], json_path: Path, png: Path | None) -> st
             "text variants add the MiniLM text of each item (sum with the ID embedding, a "
             "learned `unknown` vector and text scale for items without a trained ID).",
         ]
+    if report.get("merged"):
+        lines += ["", f"Note: {report['merged']}."]
     return "\n".join([*lines, "", *_meta_lines(report, json_path, png)])
 
 
