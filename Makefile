@@ -77,14 +77,17 @@ bench-quick: env
 bench-recovery: env
 	$(BIN)/python -m benchmarks.recovery --out benchmarks/results/recovery.json
 
-# Model quality: every model and baseline on ML-1M and Video (~50 min on 2 cores), JSON +
-# learning curves in benchmarks/results/, summary in BENCHMARKS.md. DATA=... moves the data root.
+# Model quality: every model and baseline on ML-1M and Video (~50 min on 2 cores), then issue 5's
+# cold-start (6 short SASRec runs) and time-aware (2) sections (~30 min more); JSON + plots in
+# benchmarks/results/, summary in BENCHMARKS.md. DATA=... moves the data root. One section
+# alone: $(BIN)/python -m benchmarks.eval --sections cold (or models, time).
 DATA ?= ../shared/data
 eval: env
 	$(BIN)/python -m benchmarks.eval --data-root $(DATA) --out benchmarks/results/eval.json
 
-# CI-sized: synthetic data + a short ML-1M smoke (skipped when $(DATA) is missing), ≤ 3 min;
-# results stay in .eval/ (git-ignored).
+# CI-sized: synthetic data + a short ML-1M smoke (skipped when $(DATA) is missing), then the
+# cold-start and time sections on synthetic data (MiniLM embeds its titles once, cached under
+# ~/.cache/streamrec/), ~6 min; results stay in .eval/ (git-ignored).
 eval-quick: env
 	$(BIN)/python -m benchmarks.eval --quick --data-root $(DATA) --out .eval/eval-quick.json
 
