@@ -76,6 +76,20 @@ def _load_synthetic(directory: Path) -> SequenceDataset:
     item_ids, titles = _read_items_csv(items_path)
     index = {item_id: i for i, item_id in enumerate(item_ids, start=1)}
     users, items, stamps = _read_clicks_csv(clicks_path, index)
+    return _from_clicks("synthetic", directory, clicks_path, item_ids, titles, users, items, stamps)
+
+
+def _from_clicks(
+    name: str,
+    path: Path,
+    source: Path,
+    item_ids: tuple[str, ...],
+    titles: tuple[str, ...],
+    users: list[str],
+    items: np.ndarray,
+    stamps: np.ndarray,
+) -> SequenceDataset:
+    """A data set from parallel click columns (user, item index, epoch ms)."""
     user_ids, sequences, times = _group_by_user(users, items, stamps)
     return SequenceDataset(
         item_ids=item_ids,
@@ -83,7 +97,7 @@ def _load_synthetic(directory: Path) -> SequenceDataset:
         user_ids=user_ids,
         sequences=sequences,
         timestamps=times,
-        description=_describe("synthetic", directory, sequences, len(item_ids), clicks_path),
+        description=_describe(name, path, sequences, len(item_ids), source),
     )
 
 
@@ -173,25 +187,25 @@ def _load_ratings(path: Path) -> SequenceDataset:
     except (ValueError, IndexError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a MovieLens ratings file ({exc})") from exc
     movie_ids, items = np.unique(movies, return_inverse=True)
-    user_ids, sequences, times = _group_by_user(users, items.astype(np.int64) + 1, stamps)
     item_ids = tuple(str(m) for m in movie_ids)
-    titles = _movie_titles(path.parent / "movies.dat", item_ids)
-    return SequenceDataset(
-        item_ids=item_ids,
-        titles=titles,
-        user_ids=user_ids,
-        sequences=sequences,
-        timestamps=times,
-        description=_describe("ml-1m-ratings", path, sequences, len(item_ids), path),
-    )
+    movies_dat = path.parent / "movies.dat"
+    known = read_movies(movies_dat) if movies_dat.is_file() else {}
+    titles = tuple(known.get(i, ("", ""))[0] for i in item_ids)
+    index = items.astype(np.int64) + 1
+    return _from_clicks("ml-1m-ratings", path, path, item_ids, titles, users, index, stamps)
 
 
-def _movie_titles(movies: Path, item_ids: tuple[str, ...]) -> tuple[str, ...]:
-    if not movies.is_file():
-        return ("",) * len(item_ids)
-    lines = movies.read_text(encoding="iso-8859-1").splitlines()
-    titles = dict(ln.split("::")[:2] for ln in lines if ln.count("::") == 2)
-    return tuple(titles.get(i, "") for i in item_ids)
+def read_movies(path: Path) -> dict[str, tuple[str, str]]:
+    """MovieID -> (title, genres) from a MovieLens movies.dat (ISO-8859-1, `id::title::genres`)."""
+    if not path.is_file():
+        raise DataError(f"{path} not found (MovieLens movies.dat gives the item titles)")
+    movies: dict[str, tuple[str, str]] = {}
+    for line_no, line in enumerate(path.read_text(encoding="iso-8859-1").splitlines(), 1):
+        parts = line.split("::")
+        if len(parts) != 3:
+            raise DataError(f"{path}:{line_no}: not MovieID::Title::Genres")
+        movies[parts[0]] = (parts[1], parts[2])
+    return movies
 
 
 def _describe(

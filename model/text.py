@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from export.item_text import MAX_TOKENS, TEXT_DIM, TEXT_FORMAT, item_text
-from model.data import SequenceDataset
+from model.data import SequenceDataset, read_movies
 from model.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -36,19 +36,6 @@ TEXT_ENCODER = "all-MiniLM-L6-v2"
 CACHE_DIR = Path.home() / ".cache" / "streamrec" / "text"
 MOVIES = "movies.dat"
 SAS_ITEM_MAP = "ml-1m_sas_to_original_items.txt"
-
-
-def read_movies(path: Path) -> dict[str, tuple[str, str]]:
-    """MovieID -> (title, genres) from a MovieLens movies.dat (ISO-8859-1, `id::title::genres`)."""
-    if not path.is_file():
-        raise DataError(f"{path} not found (MovieLens movies.dat gives the item titles)")
-    movies: dict[str, tuple[str, str]] = {}
-    for line_no, line in enumerate(path.read_text(encoding="iso-8859-1").splitlines(), 1):
-        parts = line.split("::")
-        if len(parts) != 3:
-            raise DataError(f"{path}:{line_no}: not MovieID::Title::Genres")
-        movies[parts[0]] = (parts[1], parts[2])
-    return movies
 
 
 def read_id_map(path: Path) -> dict[str, str]:
