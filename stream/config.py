@@ -139,7 +139,7 @@ class ProcessorSettings(BaseSettings):
     onnx_threads: int = Field(default=1, ge=0)  # 0 = let onnxruntime choose
     # Rows of one onnxruntime call (a batch is scored in chunks): 256 rows kept the bare
     # model at 145 MB instead of 529 MB per 2,000-row call and ran 1.3-1.8x faster
-    # (notes/rss.md); None = the whole batch in one call.
+    # (BENCHMARKS.md, RSS at 1M users); None = the whole batch in one call.
     onnx_max_rows: int | None = Field(default=256, ge=1)
     # Session length kept per user; None = the bundle's max_len.
     session_max_len: int | None = None

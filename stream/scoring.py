@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -53,7 +53,8 @@ def onnx_session(path: object, threads: int) -> ort.InferenceSession:
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Batch shapes vary every poll and a memory pattern is planned and kept per shape: off,
-    # the processor's RSS at 1M users fell 1,568 -> 1,122 MB at no measured cost (notes/rss.md).
+    # the processor's RSS at 1M users fell 1,568 -> 1,122 MB at no measured cost
+    # (BENCHMARKS.md, RSS at 1M users).
     opts.enable_mem_pattern = False
     try:
         return ort.InferenceSession(
@@ -274,19 +275,6 @@ def session_inputs(
     return ModelInputs(left_pad(seen_rows, width), left_pad(windows, max_len), lengths, starts)
 
 
-def model_inputs(
-    sessions: Sequence[Sequence[str]], index: Mapping[str, int], max_len: int
-) -> tuple[IntArray, IntArray]:
-    """(seen, item_seq) from item lists alone: the last max_len items (stride 1 windows).
-
-    The Faust engine's path; the processor uses session_inputs, which applies the bundle's
-    window rule (the two agree for bundles without a step section).
-    """
-    windows = [[index[i] for i in items if i in index] for items in sessions]
-    seen = left_pad(windows, max(max_len, max(map(len, windows), default=0)))
-    return seen, np.ascontiguousarray(seen[:, -max_len:])
-
-
 def isolate_failures(
     call: Callable[[int, int], None], rows: int, max_rows: int | None = None
 ) -> dict[int, ScoringError]:
@@ -294,10 +282,10 @@ def isolate_failures(
     to the rows the model rejects and return them with their error.
 
     Calls cover at most `max_rows` rows (None: the whole batch at once): onnxruntime keeps
-    the activations of ~256 rows in cache and its arena stays small (notes/rss.md: 145 MB
-    instead of 529 MB for the bare model, 1.3-1.8x the sequences/s). Bisection works within
-    each chunk and costs O(failures · log chunk) calls; a call's results must only be kept
-    when it succeeds (the step path's cache update included).
+    the activations of ~256 rows in cache and its arena stays small (BENCHMARKS.md, RSS at 1M
+    users: 145 MB instead of 529 MB for the bare model, 1.3-1.8x the sequences/s). Bisection
+    works within each chunk and costs O(failures · log chunk) calls; a call's results must
+    only be kept when it succeeds (the step path's cache update included).
     """
     if max_rows is not None and 0 < max_rows < rows:
         chunks: dict[int, ScoringError] = {}
