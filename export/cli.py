@@ -73,6 +73,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_and_export(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    """`streamrec train --from-topic`'s training step on `args.data`: (checkpoint, bundle dir),
+    None when training failed. stream/retrain.py gets it from the CLI, so serving code never
+    imports torch or model/; they load here, when the subcommand runs."""
+    from export.onnx_export import export_bundle
+    from model.cli import train_from_args
+
+    checkpoint = train_from_args(args)
+    if checkpoint is None:
+        return None
+    out = args.bundle_out or Path(args.out) / "bundle"
+    return checkpoint, export_bundle(checkpoint, out, model_version=args.model_version)
+
+
 def _export_text_encoder(args: argparse.Namespace) -> int:
     if torch_missing():
         return 1

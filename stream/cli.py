@@ -370,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The model and export commands register themselves; they import torch only when run.
     from export.cli import add_commands as add_export_commands
+    from export.cli import train_and_export
     from model.cli import add_commands as add_model_commands
 
     add_model_commands(sub)
@@ -377,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     # `train --from-topic`: the click topic as training data (stream/retrain.py).
     from stream.retrain import add_from_topic_args
 
-    add_from_topic_args(sub.choices["train"], load_settings)
+    add_from_topic_args(sub.choices["train"], load_settings, train_and_export)
     return parser
 
 

@@ -13,8 +13,9 @@ are ordered by event time, then partition and offset, and written as a `syntheti
 new model version and, with --publish, made the models root's CURRENT bundle, which a running
 processor hot-reloads: clicks -> model -> recommendations -> clicks.
 
-This module imports no torch and nothing from model/ at import time; the training and export
-stack is imported inside `run_from_topic` only.
+This module never imports torch, model/ or the ONNX exporter: the CLI hands it a
+`train_and_export(args) -> (checkpoint, bundle dir) | None` callable (export/cli.py) that
+imports them when the subcommand runs.
 """
 
 from __future__ import annotations
@@ -180,9 +181,16 @@ def read_catalogue(path: Path) -> Catalogue:
         ]
 
 
-def add_from_topic_args(train: argparse.ArgumentParser, settings_of: Any) -> None:
+# args -> (checkpoint, bundle dir), None when training failed (export.cli.train_and_export)
+TrainAndExport = Callable[[argparse.Namespace], "tuple[Path, Path] | None"]
+
+
+def add_from_topic_args(
+    train: argparse.ArgumentParser, settings_of: Any, train_and_export: TrainAndExport
+) -> None:
     """Give `streamrec train` the --from-topic options; `settings_of(args)` builds the
-    ProcessorSettings (flags, environment, --config) for the Kafka connection."""
+    ProcessorSettings (flags, environment, --config) for the Kafka connection and
+    `train_and_export(args)` trains on `args.data` and writes the bundle."""
     g = train.add_argument_group("training from the click topic (instead of --data)")
     g.add_argument("--from-topic", metavar="TOPIC", help="read the training clicks from TOPIC")
     g.add_argument("--bootstrap-servers", help="Kafka bootstrap servers, host:port[,...]")
@@ -201,12 +209,14 @@ def add_from_topic_args(train: argparse.ArgumentParser, settings_of: Any) -> Non
     def handler(args: argparse.Namespace) -> int:
         if args.from_topic is None:
             return plain(args)
-        return run_from_topic(args, settings_of(args))
+        return run_from_topic(args, settings_of(args), train_and_export)
 
     train.set_defaults(func=handler)
 
 
-def run_from_topic(args: argparse.Namespace, settings: ProcessorSettings) -> int:
+def run_from_topic(
+    args: argparse.Namespace, settings: ProcessorSettings, train_and_export: TrainAndExport
+) -> int:
     if args.data is not None:
         print("train: give --data or --from-topic, not both", file=sys.stderr)
         return 2
@@ -231,16 +241,10 @@ def run_from_topic(args: argparse.Namespace, settings: ProcessorSettings) -> int
     )
     data_dir = write_dataset(Path(args.out) / "data", clicks, catalogue)
     args.data = f"synthetic:{data_dir}"
-    # The training stack (torch) is imported here, when this subcommand runs.
-    from export.onnx_export import export_bundle
-    from model.cli import train_from_args
-
-    checkpoint = train_from_args(args)
-    if checkpoint is None:
+    trained = train_and_export(args)
+    if trained is None:
         return 1
-    bundle_dir = export_bundle(
-        checkpoint, args.bundle_out or Path(args.out) / "bundle", model_version=args.model_version
-    )
+    checkpoint, bundle_dir = trained
     from export.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
