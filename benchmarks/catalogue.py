@@ -47,11 +47,13 @@ from benchmarks.pipeline import ensure_bundle
 from benchmarks.scaling import vm_rss_mb
 from export.bundle import ITEM_VECTORS, Bundle, load_bundle, write_bundle
 from stream.ann import AnnIndex, AnnParams, VectorRanker, exact_top_k
+from stream.config import ProcessorSettings
 from stream.incremental import IncrementalScorer, rank_batch
 from stream.scoring import session_inputs
 from stream.state import Session
 
 K = 10
+ANN_THREADS: int = ProcessorSettings.model_fields["ann_threads"].default
 INDEX_CACHE = Path.home() / ".cache" / "streamrec" / "ann"
 
 
@@ -267,11 +269,14 @@ def main() -> int:
     parser.add_argument("--ef", default="64,128,256,512", help="ef_search values to measure")
     parser.add_argument("--m", type=int, default=AnnParams.m)
     parser.add_argument("--ef-construction", type=int, default=AnnParams.ef_construction)
+    parser.add_argument(
+        "--search-threads", type=int, default=ANN_THREADS, help="HNSW search threads per batch"
+    )
     parser.add_argument("--model-seconds", type=float, default=2.0)
     parser.add_argument("--serving-rounds", type=int, default=3, help="clicks per user timed")
     parser.add_argument("--no-serving", action="store_true", help="skip the serving stage")
     args = parser.parse_args()
-    params = AnnParams(m=args.m, ef_construction=args.ef_construction)
+    params = AnnParams(m=args.m, ef_construction=args.ef_construction, threads=args.search_threads)
     efs = [int(e) for e in args.ef.split(",")]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:

@@ -147,14 +147,18 @@ class ProcessorSettings(BaseSettings):
     # position per click from a per-user K/V cache (prefill.onnx on a miss or a slid window);
     # needs a bundle with a step section. auto: incremental when the bundle has one.
     inference: Literal["auto", "full", "incremental"] = "auto"
-    # Memory for the K/V cache's LRU (~25 KB per user at d=64, 2 blocks, max_len 50): 256 MB
-    # keeps ~10k active users; evicted entries go to RocksDB and come back on their next click.
-    kv_cache_mb: float = Field(default=256.0, ge=0.0)
+    # Memory for the K/V cache's LRU (~25 KB per user at d=64, 2 blocks, max_len 50): 128 MB
+    # keeps ~5k active users; evicted entries go to RocksDB and come back on their next click.
+    # The processor's RSS is about 380 MB + this at 1M stored users (BENCHMARKS.md).
+    kv_cache_mb: float = Field(default=128.0, ge=0.0)
     # Top-k of a headless bundle (no score head: large catalogues): ann = faiss HNSW over its
     # item_vectors.npy (index cached in state_dir/ann), exact = chunked hidden @ V.T, auto =
     # ann when faiss is installed. Bundles with a score head rank their scores exactly.
     topk: Literal["auto", "exact", "ann"] = "auto"
     ann_ef_search: int = Field(default=256, ge=1)  # HNSW beam: µs per query vs recall
+    # OpenMP threads of one batch's HNSW search: the search is most of a large catalogue's
+    # cost per click, and a batch's queries split across threads (2: 1.9x here at 1M items).
+    ann_threads: int = Field(default=2, ge=1)
     # Follow the items topic: items the bundle lacks are embedded (text_encoder), projected
     # into the model's item space and recommendable without a restart (stream/catalogue.py).
     follow_items: bool = True
@@ -179,7 +183,9 @@ class ProcessorSettings(BaseSettings):
 class RocksOptions:
     """RocksDB tuning for the session store."""
 
-    write_buffer_mb: int = 64  # sessions are small and hot: one memtable absorbs a burst
+    # Per column family (sessions, K/V cache): sessions are small, so 16 MB absorbs ~25
+    # batches of 2,000 users; 64 MB cost ~30 MB more RSS at 1M users for no measured speed.
+    write_buffer_mb: int = 16
     max_open_files: int = 256  # the store is one of several processes' worth of files
 
     def to_options(self) -> Any:

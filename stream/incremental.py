@@ -321,7 +321,7 @@ def make_scorer(
     if not bundle.score_head:
         vectors = scorer.items.view.bundle_vectors
         assert vectors is not None  # a headless bundle must carry item_vectors.npy
-        params = AnnParams(ef_search=settings.ann_ef_search)
+        params = AnnParams(ef_search=settings.ann_ef_search, threads=settings.ann_threads)
         scorer.ranker = VectorRanker.for_bundle(
             vectors, settings.topk, settings.state_dir / "ann", params
         )

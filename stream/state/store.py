@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 import orjson
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import Rdict, WriteBatch, WriteOptions
 
 from stream.config import RocksOptions
 from stream.errors import StateError
@@ -170,7 +170,7 @@ class RocksSessionStore:
             try:
                 family = self._db.get_column_family(_KV_FAMILY)
             except Exception:  # rocksdict: plain Exception when the family does not exist
-                family = self._db.create_column_family(_KV_FAMILY, Options(raw_mode=True))
+                family = self._db.create_column_family(_KV_FAMILY, self._options.to_options())
             no_wal = WriteOptions()
             # Derived data: a crash loses recent entries, never the truth. (A property at run
             # time; the stub calls it a method.)
