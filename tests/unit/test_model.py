@@ -83,17 +83,28 @@ def test_sequence_loss_equals_cross_entropy_over_all_positions():
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_fused_loss_and_gradients_equal_cross_entropy(smoothing: float):
+@pytest.mark.parametrize("chunk_rows", [256, 7])  # one chunk; five, the last one short
+def test_fused_loss_and_gradients_equal_cross_entropy(smoothing: float, chunk_rows: int):
     torch.manual_seed(0)
     hidden = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(21, 8, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 21, (30,))
-    fused = full_softmax_ce(hidden, weight, targets, smoothing)
+    fused = full_softmax_ce(hidden, weight, targets, smoothing, chunk_rows=chunk_rows)
     grads = torch.autograd.grad(fused, (hidden, weight))
     plain = F.cross_entropy(hidden @ weight.T, targets, label_smoothing=smoothing)
     expected = torch.autograd.grad(plain, (hidden, weight))
     assert torch.allclose(fused, plain, atol=1e-12)
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, expected, strict=True))
+
+
+def test_fused_loss_under_no_grad_computes_only_the_value():
+    torch.manual_seed(1)
+    hidden, weight = torch.randn(9, 4), torch.randn(6, 4)
+    targets = torch.randint(0, 6, (9,))
+    with torch.no_grad():
+        loss = full_softmax_ce(hidden, weight, targets, chunk_rows=4)
+    assert torch.allclose(loss, F.cross_entropy(hidden @ weight.T, targets), atol=1e-6)
+    assert loss.grad_fn is None
 
 
 def test_future_targets_weigh_the_next_items_of_the_window():
