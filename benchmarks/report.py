@@ -163,7 +163,25 @@ def catalogue(r: dict[str, Any]) -> list[str]:
         )  # fmt: skip
     header = ["items", "exact µs/query", "HNSW µs/query, recall@10", "build / RSS",
               "scoring events/s: exact · HNSW per ef (step model + top-k)"]  # fmt: skip
-    return ["### Top-k as the catalogue grows (exact vs HNSW)", "", *_table(header, rows)]
+    out = ["### Top-k as the catalogue grows (exact vs HNSW)", "", *_table(header, rows)]
+    params = r.get("ann_params", {})
+    serving = [
+        [f"{lv['items']:,}", f"{lv['serving']['ann']['events_per_s']:,.0f}",
+         f"{lv['serving']['exact']['events_per_s']:,.0f}",
+         f"{lv['serving']['ann']['score_us_per_event']:.0f} / "
+         f"{lv['serving']['ann']['rank_us_per_event']:.0f}"]
+        for lv in r["levels"] if lv.get("serving")
+    ]  # fmt: skip
+    if serving:
+        out += [
+            "",
+            f"Serving stage (IncrementalScorer on a headless bundle, then rank_batch; HNSW M "
+            f"{params.get('m')}, efConstruction {params.get('ef_construction')}, ef_search "
+            f"{params.get('ef_search')}, {params.get('threads')} search thread(s)):",
+            "",
+            *_table(["items", "HNSW events/s", "exact events/s", "HNSW µs score / rank"], serving),
+        ]
+    return out
 
 
 def model_ceiling(r: dict[str, Any]) -> list[str]:
