@@ -22,7 +22,9 @@ def run_metadata() -> dict[str, str]:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
     changed = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
+        # Results and their summary change with every run: they do not make a run dirty.
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+         ":!benchmarks/results", ":!BENCHMARKS.md"],
         capture_output=True, text=True, check=False,
     ).stdout.strip()  # fmt: skip
     if commit and changed:
