@@ -168,6 +168,7 @@ def measure_size(
         "items": len(vectors) - 1,
         "exact_us_per_query": exact_us,
         "ann_build_s": time.perf_counter() - start,
+        "ann_index_cached": ann.loaded_from is not None,  # read, not built: no build time
         "ann_rss_growth_mb": vm_rss_mb() - rss0,
         "ann": [],
     }

@@ -158,7 +158,8 @@ def catalogue(r: dict[str, Any]) -> list[str]:
         exact = lv.get("events_per_s_step_exact") or lv.get("events_per_s_full_exact") or 0
         rows.append(
             [f"{lv['items']:,}", f"{lv['exact_us_per_query']:.0f}", ann,
-             f"{lv['ann_build_s']:.1f} s / {lv['ann_rss_growth_mb']:.0f} MB",
+             ("cached index" if lv.get("ann_index_cached") else f"{lv['ann_build_s']:.1f} s")
+             + f" / {lv['ann_rss_growth_mb']:.0f} MB",
              f"{exact:,.0f} · " + " · ".join(f"{v:,.0f}" for v in stage.values())]
         )  # fmt: skip
     header = ["items", "exact µs/query", "HNSW µs/query, recall@10", "build / RSS",

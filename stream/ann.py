@@ -101,6 +101,7 @@ class AnnIndex:
         self.vectors = vectors  # (N + 1, D), kept for the exact fallback
         self.params = params
         self.stats = AnnStats()
+        self.loaded_from: Path | None = None  # the cached index file it was read from
 
     @classmethod
     def build(cls, vectors: FloatArray, params: AnnParams | None = None) -> AnnIndex:
@@ -138,7 +139,9 @@ class AnnIndex:
         digest.update(f"hnsw-ip m={params.m} efc={params.ef_construction}".encode())
         path = cache_dir / f"hnsw-{digest.hexdigest()[:24]}.faiss"
         if path.is_file():
-            return cls(faiss.read_index(str(path)), vectors, params)
+            cached = cls(faiss.read_index(str(path)), vectors, params)
+            cached.loaded_from = path
+            return cached
         ann = cls.build(vectors, params)
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
