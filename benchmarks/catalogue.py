@@ -43,7 +43,7 @@ import onnxruntime as ort
 
 from benchmarks.meta import run_metadata, write_result
 from benchmarks.model_ceiling import session, step_feeds, timed
-from benchmarks.pipeline import ensure_bundle
+from benchmarks.pipeline import end_to_end, ensure_bundle
 from benchmarks.scaling import vm_rss_mb
 from export.bundle import ITEM_VECTORS, Bundle, load_bundle, write_bundle
 from stream.ann import AnnIndex, AnnParams, VectorRanker, exact_top_k
@@ -253,6 +253,21 @@ def serving_stage(
     return out
 
 
+def end_to_end_stage(b: Bundle, headless: Path, users: int) -> dict[str, float]:
+    """The whole processor (embedded broker, RocksDB, decode, state, produce, commit) on the
+    headless bundle at its default settings (topk auto = HNSW): drain rate of the steady
+    workload (users with warm sessions, one click per user per batch) over b's own items,
+    the ones the graphs embed; the HNSW index comes from INDEX_CACHE (serving_stage built it)."""
+    if not headless.is_dir():
+        return {}
+    out = end_to_end(
+        headless, 2 * users, inference="incremental", workload="steady", users=users,
+        click_bundle=b.path, ann_cache=INDEX_CACHE,
+    )  # fmt: skip
+    print(headless.name, "end to end", out, flush=True)
+    return out
+
+
 def hb_vectors(hb: Bundle) -> np.ndarray:
     assert hb.item_vectors_path is not None
     vectors: np.ndarray = np.load(hb.item_vectors_path)
@@ -276,6 +291,11 @@ def main() -> int:
     parser.add_argument("--model-seconds", type=float, default=2.0)
     parser.add_argument("--serving-rounds", type=int, default=3, help="clicks per user timed")
     parser.add_argument("--no-serving", action="store_true", help="skip the serving stage")
+    parser.add_argument(
+        "--end-to-end-from", type=int, default=1_000_000,
+        help="drain the whole processor on the headless bundle at sizes from this one up",
+    )  # fmt: skip
+    parser.add_argument("--users", type=int, default=12_000, help="users of the end-to-end run")
     args = parser.parse_args()
     params = AnnParams(m=args.m, ef_construction=args.ef_construction, threads=args.search_threads)
     efs = [int(e) for e in args.ef.split(",")]
@@ -300,6 +320,8 @@ def main() -> int:
                 level["serving"] = serving_stage(
                     b, vectors, seen, params, args.serving_rounds, work
                 )
+            if n >= args.end_to_end_from and b.step is not None:
+                level["end_to_end"] = end_to_end_stage(b, work / f"headless-{n}", args.users)
             levels.append(_events(level, model))
     result = {
         **run_metadata(),

@@ -130,12 +130,18 @@ def warm_up(processor: Processor, sessions: dict[str, Session], batch: int = 200
 
 @contextmanager
 def preloaded(
-    bundle: Path, events: int, workload: str, users: int, partitions: int
+    bundle: Path,
+    events: int,
+    workload: str,
+    users: int,
+    partitions: int,
+    click_bundle: Path | None = None,
 ) -> Iterator[tuple[ProcessorSettings, list[ClickEvent], dict[str, Session]]]:
     """A fresh embedded broker holding the workload's clicks, and settings for a processor
     over them (a temporary state dir). workload "time": the synthetic replay's first `events`
     clicks in time order (a session's clicks come in bursts: ~10 per scored user per batch);
-    "steady": steady_clicks, whose warm sessions come back for the caller to load."""
+    "steady": steady_clicks over click_bundle's items (default: bundle's), whose warm sessions
+    come back for the caller to load."""
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as state:
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
         topics = TopicSettings(partitions=partitions)
@@ -144,7 +150,8 @@ def preloaded(
         if workload == "time":
             clicks = list(islice(iter_source("synthetic"), events))
         else:
-            clicks, sessions = steady_clicks(load_bundle(bundle), users, events, partitions)
+            items_of = load_bundle(click_bundle or bundle)
+            clicks, sessions = steady_clicks(items_of, users, events, partitions)
         with ClickProducer(kafka, topics.clicks) as producer:
             for event in clicks:
                 producer.send_event(event)
@@ -168,10 +175,17 @@ def end_to_end(
     users: int = 12_000,
     partitions: int = 6,
     profile: Path | None = None,
+    click_bundle: Path | None = None,
+    ann_cache: Path | None = None,
 ) -> dict[str, float]:
     """Drain rate of one processor over preloaded clicks (`preloaded`). With `profile`, a
-    cProfile of the processor thread goes there (pstats text)."""
-    with preloaded(bundle, events, workload, users, partitions) as (base, clicks, sessions):
+    cProfile of the processor thread goes there (pstats text). `ann_cache`: a directory of
+    HNSW index files the processor's state dir links to (a 1M-item build takes minutes)."""
+    with preloaded(bundle, events, workload, users, partitions, click_bundle) as (
+        base, clicks, sessions,
+    ):  # fmt: skip
+        if ann_cache is not None:
+            (base.state_dir / "ann").symlink_to(ann_cache.resolve(), target_is_directory=True)
         settings = base.model_copy(
             update={
                 "inference": inference,

@@ -170,17 +170,20 @@ def catalogue(r: dict[str, Any]) -> list[str]:
         [f"{lv['items']:,}", f"{lv['serving']['ann']['events_per_s']:,.0f}",
          f"{lv['serving']['exact']['events_per_s']:,.0f}",
          f"{lv['serving']['ann']['score_us_per_event']:.0f} / "
-         f"{lv['serving']['ann']['rank_us_per_event']:.0f}"]
+         f"{lv['serving']['ann']['rank_us_per_event']:.0f}",
+         f"{lv['end_to_end']['events_per_s']:,.0f}" if lv.get("end_to_end") else "not run"]
         for lv in r["levels"] if lv.get("serving")
     ]  # fmt: skip
     if serving:
+        header = ["items", "HNSW events/s", "exact events/s", "HNSW µs score / rank",
+                  "whole processor, HNSW: events/s"]  # fmt: skip
         out += [
             "",
             f"Serving stage (IncrementalScorer on a headless bundle, then rank_batch; HNSW M "
             f"{params.get('m')}, efConstruction {params.get('ef_construction')}, ef_search "
             f"{params.get('ef_search')}, {params.get('threads')} search thread(s)):",
             "",
-            *_table(["items", "HNSW events/s", "exact events/s", "HNSW µs score / rank"], serving),
+            *_table(header, serving),
         ]
     return out
 
