@@ -66,6 +66,7 @@ bench-quick: env
 	$(BIN)/python -m benchmarks.scaling --bundle $(Q)/bundle --sizes 1000,3000 --batches 2 \
 	  --batch-size 500 --out $(Q)/scaling.json
 	$(BIN)/python -m benchmarks.catalogue --bundle $(Q)/bundle --sizes base,5000 --queries 100 \
+	  --end-to-end-from 5000 --users 1000 \
 	  --ef 32,64 --model-seconds 0.2 --out $(Q)/catalogue.json
 	$(BIN)/python -m benchmarks.recovery --bundle $(Q)/bundle --users 2000 --soak-minutes 0.2 \
 	  --out $(Q)/recovery.json

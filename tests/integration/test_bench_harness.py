@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import latency, report, scaling
+from benchmarks import catalogue, latency, report, scaling
 
 
 def _run(module: object, monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
@@ -51,3 +51,20 @@ def test_scaling_module_measures_each_store_size(
     _run(scaling, monkeypatch, argv)
     result = _keys(out, "scaling.json")
     assert [lv["users"] for lv in result["levels"]] == [200, 500]
+
+
+@pytest.mark.slow
+def test_catalogue_module_drains_the_whole_processor_on_a_headless_bundle(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "catalogue.json"
+    argv = ["--bundle", str(bundle_dir), "--sizes", "300", "--queries", "30",
+            "--session-len", "4", "--ef", "16", "--model-seconds", "0.05",
+            "--serving-rounds", "1", "--end-to-end-from", "300", "--users", "40",
+            "--out", str(out)]  # fmt: skip
+    _run(catalogue, monkeypatch, argv)
+    level = _keys(out, "catalogue.json")["levels"][0]
+    # Every click of the steady workload (2 per user) went through broker, store and HNSW.
+    assert level["end_to_end"]["events"] == 80
+    assert level["end_to_end"]["events_per_s"] > 0
+    assert "not run" not in "\n".join(report.catalogue(json.loads(out.read_text())))
