@@ -72,7 +72,7 @@ class AnnParams:
     ef_construction: int = 400  # build-time beam: build time vs graph quality
     ef_search: int = 256  # query-time beam: µs per query vs recall
     margin: int = 16  # extra neighbours fetched so that seen items can be dropped
-    threads: int = 1  # OpenMP threads for search (the processor's loop is one core's work)
+    threads: int = 1  # OpenMP threads of one batched search; the processor passes ann_threads
 
 
 @dataclass
