@@ -14,6 +14,8 @@ from torch import nn
 from export.errors import ParityError
 
 TOP_K = 10
+# item_seq / time_seq of model.onnx and prefill.onnx: any batch, any window width <= max_len.
+WINDOW_AXES = {0: "batch", 1: "window"}
 
 
 def legacy_export(
@@ -67,6 +69,14 @@ def parity_windows(num_items: int, max_len: int, batch: int, seed: int = 0) -> n
             else rng.choice(num_items, size=length, p=popular) + 1
         )
         out[row, max_len - length :] = items
+    return out
+
+
+def short_windows(windows: np.ndarray, width: int) -> np.ndarray:
+    """`windows` (B, L) with only their newest `width` slots kept (the rest padding): fed to a
+    graph cut to those `width` columns, it must give what the full width gives."""
+    out = windows.copy()
+    out[:, : out.shape[1] - width] = 0
     return out
 
 

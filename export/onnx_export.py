@@ -24,12 +24,14 @@ from export.bundle import PREFILL, SCORE_HEAD_MAX_ITEMS, STEP, write_bundle
 from export.errors import ExportError, ParityError
 from export.graphs import (
     TOP_K,
+    WINDOW_AXES,
     check_output,
     check_top_k,
     drop_outputs,
     legacy_export,
     parity_times,
     parity_windows,
+    short_windows,
 )
 from export.step_export import STEP_RTOL, check_step_parity, export_step_pair, step_spec
 from model.incremental import FullModel, supports_step, uses_time
@@ -43,7 +45,8 @@ PARITY_BATCHES = (1, 17)
 
 
 def export_onnx(model: SASRec, path: Path, *, opset: int = 17) -> Path:
-    """Write the full model (scores and hidden of the newest slot) with a dynamic batch axis."""
+    """Write the full model (scores and hidden of the newest slot) with dynamic batch and window
+    axes: a window may be cut to its longest row (left padding only), up to max_len."""
     model.eval()
     inputs = model_inputs(model)
     example = torch.ones(2, model.cfg.max_len, dtype=torch.int64)  # (B, L)
@@ -54,7 +57,10 @@ def export_onnx(model: SASRec, path: Path, *, opset: int = 17) -> Path:
         path,
         input_names=inputs,
         output_names=["scores", "hidden"],
-        dynamic_axes={name: batch for name in (*inputs, "scores", "hidden")},
+        dynamic_axes={
+            **{name: WINDOW_AXES for name in inputs},
+            **{name: batch for name in ("scores", "hidden")},
+        },
         opset=opset,
     )
 
@@ -85,14 +91,19 @@ def check_parity(
     if "scores" not in names:
         raise ParityError(f"{onnx_path.name} has no output named scores")
     worst = 0.0
-    for batch in windows:
+    L = windows[-1].shape[1]
+    # The last batch again with windows of at most L // 4 items, fed to the graph cut to that
+    # width (serving trims each call to its longest window); torch sees the full width.
+    short = short_windows(windows[-1], max(1, L // 4))
+    for batch, width in [*((w, L) for w in windows), (short, max(1, L // 4))]:
         feeds = {"item_seq": batch, "time_seq": parity_times(batch)}
         feeds = {name: feeds[name] for name in model_inputs(model)}
         with torch.no_grad():
             args = (torch.from_numpy(a) for a in feeds.values())
             scores, hidden = (t.numpy() for t in FullModel(model)(*args))
         expected = {"scores": scores, "hidden": hidden}  # (B, N + 1), (B, D)
-        actual = dict(zip(names, session.run(names, feeds), strict=True))
+        cut = {name: a[:, a.shape[1] - width :] for name, a in feeds.items()}
+        actual = dict(zip(names, session.run(names, cut), strict=True))
         for name in names:
             diff = check_output(name, expected[name], np.asarray(actual[name]), np.float32)
             worst = max(worst, diff)

@@ -19,7 +19,15 @@ import torch
 
 from export.bundle import PREFILL, STEP, StepSpec, default_stride
 from export.errors import ParityError
-from export.graphs import TOP_K, check_output, check_top_k, legacy_export, parity_windows
+from export.graphs import (
+    TOP_K,
+    WINDOW_AXES,
+    check_output,
+    check_top_k,
+    legacy_export,
+    parity_windows,
+    short_windows,
+)
 from model.incremental import FullModel, Prefill, StepModel
 from model.sasrec import SASRec
 
@@ -45,7 +53,12 @@ def export_prefill(model: SASRec, path: Path, *, opset: int = 17) -> Path:
         path,
         input_names=["item_seq"],
         output_names=["scores", "hidden", "kv"],
-        dynamic_axes={"item_seq": batch, "scores": batch, "hidden": batch, "kv": batch},
+        dynamic_axes={
+            "item_seq": WINDOW_AXES,
+            "scores": batch,
+            "hidden": batch,
+            "kv": {0: "batch", 3: "window"},
+        },
         opset=opset,
     )
 
@@ -227,6 +240,21 @@ def check_step_parity(
         diff = check_output(f"prefill {name}", w.astype(np.float32), g, w.dtype.type)
         if diff > limit:
             raise ParityError(f"prefill {name} differs from torch by {diff:.2e} > {limit:.1e}")
+        worst_prefill = max(worst_prefill, diff if name != "kv" else 0.0)
+    # Serving cuts a prefill call to its longest window: the same windows at a quarter width.
+    width = max(1, cfg.max_len // 4)
+    short = short_windows(windows, width)
+    want, got = torch_prefill(short), prefill(short[:, cfg.max_len - width :])
+    want = (want[0], want[1], want[2][:, :, :, cfg.max_len - width :])
+    for name, w, g, limit in zip(
+        ("scores", "hidden", "kv"), want, got, (PREFILL_ATOL, PREFILL_ATOL, kv_limit), strict=True
+    ):
+        diff = check_output(f"prefill {name} (cut)", w.astype(np.float32), g, w.dtype.type)
+        if diff > limit:
+            raise ParityError(
+                f"prefill {name} cut to {width} slots differs from torch by {diff:.2e} > "
+                f"{limit:.1e}"
+            )
         worst_prefill = max(worst_prefill, diff if name != "kv" else 0.0)
     worst_step = check_replay(windows, full, prefill, step)
     return {"prefill_max_abs_diff": worst_prefill, "step_max_rel_diff": worst_step}

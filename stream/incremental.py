@@ -53,6 +53,8 @@ from stream.scoring import (
     isolate_failures,
     onnx_session,
     top_k,
+    width_chunks,
+    window_axis_free,
 )
 from stream.state import RocksSessionStore, Session
 
@@ -103,6 +105,7 @@ class IncrementalScorer:
         self._step_io = _io(_STEP_IO, self.score_head)
         _check_io(self._prefill, prefill.name, self._prefill_io)
         _check_io(self._step, step.name, self._step_io)
+        self._prefill_trims = window_axis_free(self._prefill)
         self.kv_shape = (spec.n_blocks, 2, spec.d_model)
         # Last: it drops RocksDB's entries of another model, so only once the model loaded.
         self.cache = KVCache(
@@ -130,11 +133,11 @@ class IncrementalScorer:
 
     # -- the two ONNX calls (tests wrap these to simulate model defects) ----------------------
     def run_prefill(self, item_seq: IntArray) -> tuple[FloatArray | None, FloatArray, HalfArray]:
-        """(b, L) -> scores (b, N + 1) (None when headless), hidden (b, D), kv (b, nb, 2, L, D)."""
+        """(b, W) -> scores (b, N + 1) (None when headless), hidden (b, D), kv (b, nb, 2, W, D);
+        W is max_len, or less when the graph's window axis is free (`_prefill_trims`)."""
         scores, hidden, kv = self._outputs(self._prefill, self._prefill_io, {"item_seq": item_seq})
-        self._check(
-            scores, hidden, kv, (len(item_seq), *self.kv_shape[:2], self.max_len, self.kv_shape[2])
-        )
+        nb, two, d = self.kv_shape
+        self._check(scores, hidden, kv, (len(item_seq), nb, two, item_seq.shape[1], d))
         return scores, hidden, kv
 
     def run_step(
@@ -241,13 +244,24 @@ class IncrementalScorer:
     def _prefills(
         self, rows: IntArray, users: Sequence[str], inputs: ModelInputs, out: _Outputs
     ) -> dict[int, ScoringError]:
+        """prefill.onnx over the rows' windows; a graph with a free window axis runs on rows
+        sorted by window length, each call cut to its longest window (a first-seen user's few
+        clicks cost a few positions, not max_len)."""
         if not len(rows):
             return {}
+        chunks = None
+        if self._prefill_trims:
+            rows = rows[np.argsort(inputs.lengths[rows], kind="stable")]
+            chunks = width_chunks(inputs.lengths[rows], self.max_rows)
         item_seq = inputs.item_seq[rows]  # (b, L)
+        L = self.max_len
 
         def call(lo: int, hi: int) -> None:
             t1 = time.perf_counter()
-            scores, hidden, kv = self.run_prefill(item_seq[lo:hi])
+            seq = item_seq[lo:hi]
+            if self._prefill_trims:
+                seq = seq[:, L - max(1, int(inputs.lengths[rows[lo:hi]].max())) :]
+            scores, hidden, kv = self.run_prefill(seq)
             t2 = time.perf_counter()
             r = rows[lo:hi]
             out.keep(r, scores, hidden)
@@ -259,7 +273,7 @@ class IncrementalScorer:
             self.timings["put"] += time.perf_counter() - t2
 
         self.rows["prefill"] += len(rows)
-        return _in_batch(rows, isolate_failures(call, len(rows), self.max_rows))
+        return _in_batch(rows, isolate_failures(call, len(rows), self.max_rows, chunks=chunks))
 
 
 class _Outputs:

@@ -185,13 +185,14 @@ class KVCache:
         offsets: IntArray,
         partitions: IntArray,
     ) -> None:
-        """After a prefill: kv (b, nb, 2, L, D) aligned with the left-padded item_seq (the real
-        positions are the last `lengths` slots) becomes each user's entry, right-padded."""
+        """After a prefill: kv (b, nb, 2, W, D) aligned with the left-padded item_seq (W <=
+        max_len; the real positions are the last `lengths` slots) becomes each user's entry,
+        right-padded."""
         take = [
             self._allocate(u) if n else self._forget(u) for u, n in zip(users, lengths, strict=True)
         ]
         slots = np.array(take, dtype=np.int64)  # (b,)
-        L = self.max_len
+        L = kv.shape[3]
         for row in np.flatnonzero(slots >= 0).tolist():
             slot, n = int(slots[row]), int(lengths[row])
             # Right-padded: position t is item_seq slot L - n + t. (One slice copy per row:

@@ -92,6 +92,7 @@ class OnnxScorer:
         self._session = onnx_session(bundle.model_path, threads)
         self.score_head = bundle.score_head  # False: hidden only, items ranked outside ONNX
         self._check_contract()
+        self.trims = window_axis_free(self._session)  # each call cut to its longest window
         self.items = load_item_table(bundle)
 
     def add_items(self, item_ids: Sequence[str], vectors: FloatArray) -> int:
@@ -142,6 +143,10 @@ class OnnxScorer:
     ) -> tuple[FloatArray | None, FloatArray | None]:
         """(B, max_len) int64 -> scores (B, num_items + 1) (None when headless), hidden (B, D)
         (None when the model has no hidden output)."""
+        if self.trims:
+            width = trimmed(item_seq).shape[1]
+            item_seq = item_seq[:, item_seq.shape[1] - width :]
+            time_seq = None if time_seq is None else time_seq[:, time_seq.shape[1] - width :]
         feeds = {"item_seq": item_seq}
         if self._uses_time:
             feeds["time_seq"] = time_seq if time_seq is not None else np.zeros_like(item_seq)
@@ -276,24 +281,30 @@ def session_inputs(
 
 
 def isolate_failures(
-    call: Callable[[int, int], None], rows: int, max_rows: int | None = None
+    call: Callable[[int, int], None],
+    rows: int,
+    max_rows: int | None = None,
+    *,
+    chunks: Sequence[tuple[int, int]] | None = None,
 ) -> dict[int, ScoringError]:
     """`call(lo, hi)` scores rows lo:hi and keeps its results itself; if a call fails, bisect
     to the rows the model rejects and return them with their error.
 
     Calls cover at most `max_rows` rows (None: the whole batch at once): onnxruntime keeps
     the activations of ~256 rows in cache and its arena stays small (BENCHMARKS.md, RSS at 1M
-    users: 145 MB instead of 529 MB for the bare model, 1.3-1.8x the sequences/s). Bisection
+    users: 145 MB instead of 529 MB for the bare model, 1.3-1.8x the sequences/s). `chunks`
+    (ranges covering 0..rows, e.g. from `width_chunks`) sets the calls instead. Bisection
     works within each chunk and costs O(failures · log chunk) calls; a call's results must
     only be kept when it succeeds (the step path's cache update included).
     """
-    if max_rows is not None and 0 < max_rows < rows:
-        chunks: dict[int, ScoringError] = {}
-        for start in range(0, rows, max_rows):
-            stop = min(start + max_rows, rows)
-            part = isolate_failures(functools.partial(_shifted, call, start), stop - start)
-            chunks |= {start + row: exc for row, exc in part.items()}
-        return chunks
+    if chunks is None and max_rows is not None and 0 < max_rows < rows:
+        chunks = [(lo, min(lo + max_rows, rows)) for lo in range(0, rows, max_rows)]
+    if chunks is not None and len(chunks) > 1:
+        in_chunks: dict[int, ScoringError] = {}
+        for lo, hi in chunks:
+            part = isolate_failures(functools.partial(_shifted, call, lo), hi - lo)
+            in_chunks |= {lo + row: exc for row, exc in part.items()}
+        return in_chunks
     if rows == 0:
         return {}
     try:
@@ -320,6 +331,54 @@ def isolate_failures(
 
 def _shifted(call: Callable[[int, int], None], start: int, lo: int, hi: int) -> None:
     call(start + lo, start + hi)
+
+
+# One onnxruntime call's fixed cost in row-positions of the d=64 model (~0.1 ms against ~3 µs
+# per row-position at batch 64; benchmarks: BENCHMARKS.md, "trimmed windows").
+CALL_COST_POSITIONS = 32
+
+
+def width_chunks(
+    widths: IntArray, max_rows: int | None = None, call_cost: int = CALL_COST_POSITIONS
+) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) for model calls trimmed to their longest window, over rows sorted by
+    window width (ascending): rows of one power-of-two width class share a call, a class joins
+    the previous call while padding that call's rows to its width costs less than a call of
+    its own, and no range has more than `max_rows` rows."""
+    n = len(widths)
+    if n == 0:
+        return []
+    w = np.maximum(np.asarray(widths, dtype=np.int64), 1)
+    classes = np.ceil(np.log2(w)).astype(np.int64)  # 1 -> 0, 2 -> 1, 3..4 -> 2, 5..8 -> 3
+    starts = [0, *(np.flatnonzero(np.diff(classes)) + 1).tolist()]
+    merged: list[tuple[int, int]] = []
+    for lo, hi in zip(starts, [*starts[1:], n], strict=True):
+        if merged:
+            plo, phi = merged[-1]
+            if (phi - plo) * int(w[hi - 1] - w[phi - 1]) < call_cost:
+                merged[-1] = (plo, hi)
+                continue
+        merged.append((lo, hi))
+    if not max_rows or max_rows <= 0:
+        return merged
+    return [
+        (start, min(start + max_rows, hi)) for lo, hi in merged for start in range(lo, hi, max_rows)
+    ]
+
+
+def window_axis_free(session: ort.InferenceSession) -> bool:
+    """Whether the graph's item_seq takes any window width (symbolic axis 1): then each call
+    is trimmed to its longest window. Bundles exported before that need exactly max_len."""
+    shape = next(i.shape for i in session.get_inputs() if i.name == "item_seq")
+    return shape is not None and len(shape) == 2 and not isinstance(shape[1], int)
+
+
+def trimmed(item_seq: IntArray) -> IntArray:
+    """The left-padded window without its all-padding leading columns (at least one column):
+    causal attention over left padding makes the outputs the same at any width."""
+    real = (item_seq != 0).any(axis=0)  # (L,)
+    first = int(real.argmax()) if real.any() else item_seq.shape[1] - 1
+    return item_seq[:, first:]
 
 
 def score_isolating_failures(
@@ -356,27 +415,39 @@ def full_scores(scorer: Scorer, inputs: ModelInputs, view: TableView) -> Scored:
     A scorer with `score_hidden` (OnnxScorer, IncrementalScorer) also gives the hidden states;
     a plain Scorer (a test's wrapper) gives scores only.
     """
-    item_seq = inputs.item_seq
     with_hidden: Callable[[IntArray], tuple[FloatArray | None, FloatArray | None]] | None
     with_hidden = getattr(scorer, "score_hidden", None)
     head = getattr(scorer, "score_head", True)
-    scores = np.full((len(item_seq), view.num_model if head else 0), -np.inf, dtype=np.float32)
+    B = len(inputs.item_seq)
+    scores = np.full((B, view.num_model if head else 0), -np.inf, dtype=np.float32)
     hidden: FloatArray | None = None
+    max_rows = getattr(scorer, "max_rows", None)
+    # A scorer that trims its calls (OnnxScorer.trims) gets rows of similar window width
+    # together: a call costs about its rows x its longest window.
+    order, chunks = np.arange(B), None
+    if getattr(scorer, "trims", False):
+        order = np.argsort(inputs.lengths, kind="stable")
+        chunks = width_chunks(inputs.lengths[order], max_rows)
+    item_seq = inputs.item_seq[order]
 
     def call(lo: int, hi: int) -> None:
         nonlocal hidden
+        rows = order[lo:hi]
         if with_hidden is None:
-            scores[lo:hi] = scorer.score(item_seq[lo:hi])
+            scores[rows] = scorer.score(item_seq[lo:hi])
             return
         part, part_hidden = with_hidden(item_seq[lo:hi])
         if part is not None:
-            scores[lo:hi] = part
+            scores[rows] = part
         if part_hidden is not None:
             if hidden is None:
-                hidden = np.zeros((len(item_seq), part_hidden.shape[1]), dtype=np.float32)
-            hidden[lo:hi] = part_hidden
+                hidden = np.zeros((B, part_hidden.shape[1]), dtype=np.float32)
+            hidden[rows] = part_hidden
 
-    failed = isolate_failures(call, len(item_seq), getattr(scorer, "max_rows", None))
+    failed = {
+        int(order[row]): exc
+        for row, exc in isolate_failures(call, B, max_rows, chunks=chunks).items()
+    }
     if not head:
         return Scored(None, hidden, failed)
     return Scored(view.extend(scores, hidden), hidden, failed)

@@ -208,6 +208,63 @@ def test_a_poison_row_fails_alone_on_the_step_and_on_the_prefill_path(
         store.close()
 
 
+def test_calls_cut_to_their_longest_window_give_the_full_width_outputs(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    """model.onnx and prefill.onnx take any window width: sessions of 1..max_len clicks scored
+    in calls cut to their longest window (rows sorted by length) equal the same graphs fed at
+    max_len, scores and the prefill's K/V entries alike."""
+    bundle = load_bundle(bundle_dir)
+    rng = np.random.default_rng(5)
+    lengths = [1, 2, 3, 5, 8, 13, bundle.max_len, 4, 1, 9, 16, 2]
+    histories = {
+        f"u{k}": [int(i) for i in rng.integers(1, bundle.num_items + 1, n)]
+        for k, n in enumerate(lengths)
+    }
+    users = list(histories)
+    sessions = sessions_of(histories, bundle.max_len, bundle.item_ids)
+    stores = [RocksSessionStore(tmp_path / name) for name in ("cut", "wide")]
+    try:
+        cut, wide = (IncrementalScorer(bundle, backing=store) for store in stores)
+        assert cut.full.trims and cut._prefill_trims, "graphs exported with a free window axis"
+        wide.full.trims = wide._prefill_trims = False
+        view = cut.items.view
+        inputs = session_inputs(sessions, view, bundle.max_len, cut.stride)
+        seen = []
+        for name, scorer in (("cut", cut), ("wide", wide)):
+            original = scorer.run_prefill
+
+            def spy(item_seq: np.ndarray, run=original, name=name) -> object:
+                seen.append((name, item_seq.shape[1]))
+                return run(item_seq)
+
+            scorer.run_prefill = spy  # type: ignore[method-assign]
+        got = cut.score_sessions(users, sessions, inputs, view)
+        want = wide.score_sessions(users, sessions, inputs, view)
+        assert not got.failed and not want.failed
+        np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=1e-4)
+        cut_widths = sorted(w for name, w in seen if name == "cut")
+        assert max(cut_widths) == bundle.max_len and min(cut_widths) < bundle.max_len // 2
+        assert all(w == bundle.max_len for name, w in seen if name == "wide")
+        a, b = cut.cache.lookup(users), wide.cache.lookup(users)
+        assert (a >= 0).all() and (b >= 0).all()
+        np.testing.assert_array_equal(cut.cache.length[a], np.array(lengths))
+        np.testing.assert_array_equal(cut.cache.length[a], wide.cache.length[b])
+        for row, n in enumerate(lengths):
+            np.testing.assert_allclose(
+                cut.cache.pool[a[row], :, :, :n].astype(np.float32),
+                wide.cache.pool[b[row], :, :, :n].astype(np.float32),
+                atol=2e-3,
+            )
+        full_cut = full_scores(cut.full, inputs, view).scores
+        full_wide = full_scores(wide.full, inputs, view).scores
+        np.testing.assert_allclose(full_cut, full_wide, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(full_cut, want.scores, rtol=0, atol=1e-4)
+    finally:
+        for store in stores:
+            store.close()
+
+
 @pytest.mark.parametrize("inference", ["full", "incremental"])
 def test_a_runtime_item_is_scored_out_of_the_graph_and_can_be_clicked(
     settings: ProcessorSettings, bundle_dir: Path, inference: str

@@ -5,7 +5,14 @@ import numpy as np
 from export.bundle import window_len
 from stream.errors import ScoringError
 from stream.itemtable import ItemTable
-from stream.scoring import isolate_failures, left_pad, session_inputs, top_k
+from stream.scoring import (
+    isolate_failures,
+    left_pad,
+    session_inputs,
+    top_k,
+    trimmed,
+    width_chunks,
+)
 from stream.state import Session
 
 
@@ -132,3 +139,43 @@ def test_isolate_failures_calls_at_most_max_rows_rows_and_bisects_within_a_chunk
     assert max(hi - lo for lo, hi in calls) <= 8
     assert calls[0] == (0, 8), "a chunk without a poison row is one call"
     assert (kept[[13, 20]] == 0).all() and (np.delete(kept, [13, 20]) == 1).all()
+
+
+def _covers(chunks: list[tuple[int, int]], n: int) -> bool:
+    return [lo for lo, _ in chunks] == [0, *(hi for _, hi in chunks[:-1])] and chunks[-1][1] == n
+
+
+def test_width_chunks_group_rows_of_similar_window_width() -> None:
+    widths = np.array([1, 1, 2, 3, 4, 7, 8, 16, 40, 50, 50])
+    # Classes: {1, 1}, {2}, {3, 4}, {7, 8}, {16}, {40, 50, 50}; with no call cost nothing merges.
+    assert width_chunks(widths, call_cost=0) == [(0, 2), (2, 3), (3, 5), (5, 7), (7, 8), (8, 11)]
+    # A call costs 32 row-positions: a class joins the previous call while padding that call's
+    # rows to the new width costs less (2 rows 1 -> 2: 2; 3 rows 2 -> 4: 6; 5 rows 4 -> 8: 20;
+    # 7 rows 8 -> 16: 56 >= 32, a new call; 1 row 16 -> 50: 34 >= 32, a new call).
+    assert width_chunks(widths) == [(0, 7), (7, 8), (8, 11)]
+    chunks = width_chunks(widths, max_rows=3, call_cost=0)
+    assert max(hi - lo for lo, hi in chunks) <= 3 and _covers(chunks, len(widths))
+    assert width_chunks(np.array([], dtype=np.int64)) == []
+    assert width_chunks(np.array([0, 0, 5])) == [(0, 3)], "empty windows count as one slot"
+
+
+def test_isolate_failures_calls_the_given_chunks_and_bisects_within_them() -> None:
+    calls: list[tuple[int, int]] = []
+
+    def call(lo: int, hi: int) -> None:
+        calls.append((lo, hi))
+        if lo <= 6 < hi:
+            raise ScoringError("row 6")
+
+    failed = isolate_failures(call, 10, max_rows=4, chunks=[(0, 2), (2, 9), (9, 10)])
+    assert list(failed) == [6]
+    assert calls[:2] == [(0, 2), (2, 9)] and calls[-1] == (9, 10)
+    assert all(lo >= 2 and hi <= 9 for lo, hi in calls[2:-1]), "bisection stays in its chunk"
+
+
+def test_trimmed_drops_only_all_padding_leading_columns() -> None:
+    seq = np.array([[0, 0, 0, 5, 6], [0, 0, 2, 3, 4], [0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(trimmed(seq), seq[:, 2:])
+    assert trimmed(np.zeros((2, 4), dtype=np.int64)).shape == (2, 1), "one column at least"
+    full = np.arange(1, 7).reshape(2, 3)
+    assert trimmed(full).shape == (2, 3)
