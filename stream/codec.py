@@ -78,7 +78,64 @@ def decode_click(
     now_ms: int,
     limits: CodecLimits,
 ) -> ClickEvent | Invalid:
-    """Parse and validate one click record. Never raises on bad input."""
+    """Parse and validate one click record. Never raises on bad input.
+
+    A valid click passes one straight line of checks (`_valid_click`); a record that fails any
+    of them takes `decode_click_checked`, which finds the rule it breaks. Same verdicts (a
+    property test holds them equal), half the time per valid click: bad records are rare.
+    """
+    event = _valid_click(key, value, known_items, now_ms, limits)
+    if event is not None:
+        return event
+    return decode_click_checked(key, value, known_items=known_items, now_ms=now_ms, limits=limits)
+
+
+def _valid_click(
+    key: bytes | None,
+    value: bytes | None,
+    known_items: Container[str],
+    now_ms: int,
+    limits: CodecLimits,
+) -> ClickEvent | None:
+    """The event if the record is a valid click in its usual form (int ts), else None."""
+    if not value or len(value) > limits.max_event_bytes:
+        return None
+    try:
+        raw = orjson.loads(value)  # refuses invalid UTF-8 and lone surrogates itself
+    except orjson.JSONDecodeError:
+        return None
+    if type(raw) is not dict:
+        return None
+    user_id, item_id, ts = raw.get("user_id"), raw.get("item_id"), raw.get("ts")
+    event_type = raw.get("event_type", "click")
+    max_id = limits.max_id_length
+    if (
+        type(user_id) is str
+        and type(item_id) is str
+        and type(ts) is int  # not bool, not float: those take the checked path
+        and type(event_type) is str
+        and 0 <= ts <= now_ms + limits.max_future_skew_ms
+        and len(user_id) <= max_id
+        and len(item_id) <= max_id
+        and event_type in EVENT_TYPES
+        and item_id in known_items
+        and (key is None or key == user_id.encode("utf-8"))
+        and user_id.strip()
+        and item_id.strip()
+    ):
+        return ClickEvent(user_id, item_id, ts, event_type)
+    return None
+
+
+def decode_click_checked(
+    key: bytes | None,
+    value: bytes | None,
+    *,
+    known_items: Container[str],
+    now_ms: int,
+    limits: CodecLimits,
+) -> ClickEvent | Invalid:
+    """decode_click rule by rule: the event, or the first rule the record breaks."""
     raw = _json_object(value, limits)
     if isinstance(raw, Invalid):
         return raw

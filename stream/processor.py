@@ -57,6 +57,9 @@ from stream.swap import next_model
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("streamrec.audit")
 
+# A decoded record: the record, its event, and (topic, partition, offset).
+Decoded = tuple[Message, ClickEvent | Forget, tuple[str, int, int]]
+
 
 class Processor:
     """Consumes clicks, keeps sessions in RocksDB, publishes top-k lists. Run with `run()`."""
@@ -267,20 +270,19 @@ class Processor:
         self.metrics.consumed.inc(len(msgs))
         self.metrics.batch_size.observe(len(msgs))
 
-    def _decode(
-        self, msgs: Sequence[Message], batch: Batch
-    ) -> list[tuple[Message, ClickEvent | Forget]]:
+    def _decode(self, msgs: Sequence[Message], batch: Batch) -> list[Decoded]:
         now = now_ms()
         limits = self.settings.limits
-        events: list[tuple[Message, ClickEvent | Forget]] = []
+        events: list[Decoded] = []
         known = self.item_index
+        next_offsets = batch.next_offsets
         for msg in msgs:
             if msg.error() is not None:
                 logger.warning("consume error: %s", msg.error())
                 self.metrics.errors.labels("consume").inc()
                 continue
-            topic, partition, offset = source_of(msg)
-            batch.next_offsets[(topic, partition)] = offset + 1
+            source = source_of(msg)
+            next_offsets[source[:2]] = source[2] + 1
             control = control_of(msg)
             result: ClickEvent | Forget | Invalid
             if control is not None:
@@ -292,12 +294,12 @@ class Processor:
             if isinstance(result, Invalid):
                 batch.dead.append((msg, result))
             else:
-                events.append((msg, result))
+                events.append((msg, result, source))
         return events
 
-    def _apply(self, events: list[tuple[Message, ClickEvent | Forget]], batch: Batch) -> None:
-        for msg, event in events:
-            topic, partition, offset = source_of(msg)
+    def _apply(self, events: list[Decoded], batch: Batch) -> None:
+        applied = 0
+        for msg, event, (topic, partition, offset) in events:
             user = event.user_id
             touched = batch.touched.get(user)
             if touched is None:
@@ -316,8 +318,9 @@ class Processor:
             if touched.session is None:
                 touched.session = Session()
             touched.session.append(event.item_id, event.ts, partition, offset, self.max_len)
-            self.stats.applied += 1
-            self.metrics.applied.inc()
+            applied += 1
+        self.stats.applied += applied
+        self.metrics.applied.inc(applied)
 
     def _write_state(self, batch: Batch) -> None:
         # A marker never moves back: a batch of nothing but replays must not lower it.

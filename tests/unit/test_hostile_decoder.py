@@ -15,7 +15,14 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from stream.badinput import malformed_records
-from stream.codec import EVENT_TYPES, REASONS, ClickEvent, Invalid, decode_click
+from stream.codec import (
+    EVENT_TYPES,
+    REASONS,
+    ClickEvent,
+    Invalid,
+    decode_click,
+    decode_click_checked,
+)
 from stream.config import CodecLimits
 
 NOW = 1_795_000_000_000
@@ -55,6 +62,9 @@ def assert_obeys_the_rules(key: bytes | None, result: object) -> None:
 def check(key: bytes | None, value: bytes | None) -> ClickEvent | Invalid:
     result = decode(key, value)  # an exception here fails the test: "never raises"
     assert_obeys_the_rules(key, result)
+    # The fast path for valid clicks and the rule-by-rule path give the same verdict.
+    checked = decode_click_checked(key, value, known_items=ITEMS, now_ms=NOW, limits=LIMITS)
+    assert result == checked, (result, checked)
     return result
 
 
