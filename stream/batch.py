@@ -75,6 +75,17 @@ class Batch:
     outputs: list[tuple[str, bytes | None]] = field(default_factory=list)
     event_ts: list[int] = field(default_factory=list)  # per scored output: end-to-end latency
     failed: set[str] = field(default_factory=set)  # users whose scoring failed (dead-lettered)
+    _encoded: dict[str, bytes | None] | None = None
+
+    def encoded_sessions(self) -> dict[str, bytes | None]:
+        """Each touched user's session as stored and as the changelog carries it (None: the
+        user was forgotten), encoded once for both."""
+        if self._encoded is None:
+            self._encoded = {
+                user: None if t.session is None else t.session.to_bytes()
+                for user, t in self.touched.items()
+            }
+        return self._encoded
 
 
 def dead_letter_headers(msg: Message, invalid: Invalid) -> list[tuple[str, str | bytes | None]]:

@@ -230,10 +230,14 @@ class RecommendedItem:
         return out
 
 
+# One recommended item as schema v1 writes it (RecommendedItem.to_dict's form).
+WireItem = dict[str, object]
+
+
 def encode_recommendation(
     *,
     user_id: str,
-    items: Sequence[RecommendedItem],
+    items: Sequence[RecommendedItem] | Sequence[WireItem],
     model_version: str,
     partition: int,
     offset: int,
@@ -245,7 +249,7 @@ def encode_recommendation(
         {
             "schema_version": SCHEMA_VERSION,
             "user_id": user_id,
-            "items": [i.to_dict() for i in items],
+            "items": [i if isinstance(i, dict) else i.to_dict() for i in items],
             "model_version": model_version,
             "partition": partition,
             "offset": offset,

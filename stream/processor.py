@@ -327,7 +327,7 @@ class Processor:
         applied = {
             k: max(v - 1, self.assignment.applied_offset(*k)) for k, v in batch.next_offsets.items()
         }
-        self.store.write({u: t.session for u, t in batch.touched.items()}, applied)
+        self.store.write(batch.encoded_sessions(), applied)
         self.assignment.note_applied(applied)
 
     def _score(self, batch: Batch) -> None:
@@ -371,12 +371,13 @@ class Processor:
             self.delivery.producer.begin_transaction()
         for user, value in batch.outputs:
             self.delivery.produce(topics.recs, user.encode("utf-8"), value)
+        encoded = batch.encoded_sessions()
         for user, touched in batch.touched.items():
             _, partition, offset = source_of(touched.msg)
             # The header must cover the session's content: after a replay the stored session
             # may already hold events beyond this batch's records.
             covered = max(offset, touched.session.offset) if touched.session else offset
-            self.changelog.write(user, touched.session, partition, covered)
+            self.changelog.write(user, encoded[user], partition, covered)
         for msg, invalid in batch.dead:
             headers = dead_letter_headers(msg, invalid)
             self.delivery.produce(topics.dlq, msg.key(), msg.value(), headers)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stream.batch import now_ms
-from stream.codec import ClickEvent, RecommendedItem, encode_recommendation
+from stream.codec import ClickEvent, RecommendedItem, WireItem, encode_recommendation
 from stream.errors import ScoringError
 from stream.incremental import rank_batch, score_batch
 from stream.itemtable import TableView
@@ -26,7 +26,7 @@ from stream.state import Session
 class Recommended:
     """One batch's lists, row r = the r-th user; failed rows have no list, only their error."""
 
-    lists: list[list[RecommendedItem] | None]
+    lists: list[list[WireItem] | None]  # the items as the output schema writes them
     failed: dict[int, ScoringError]
 
 
@@ -53,7 +53,7 @@ def recommend(
     ranked, scores = best.tolist(), best_scores.tolist()
     reasons = None if because is None else because.tolist()
     ids = view.ids
-    lists: list[list[RecommendedItem] | None] = [
+    lists: list[list[WireItem] | None] = [
         None
         if row in scored.failed
         else ranked_items(ranked[row], scores[row], ids, None if reasons is None else reasons[row])
@@ -64,7 +64,7 @@ def recommend(
 
 def recommendation_record(
     user: str,
-    items: Sequence[RecommendedItem],
+    items: Sequence[RecommendedItem] | Sequence[WireItem],
     model_version: str,
     source: tuple[int, int],
     event: object,

@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from export.bundle import KNOWN_INPUTS, Bundle, window_len
 from stream.ann import VectorRanker
-from stream.codec import RecommendedItem
+from stream.codec import WireItem
 from stream.errors import ScoringError
 from stream.itemtable import ItemTable, TableView
 from stream.state import Session
@@ -458,8 +458,10 @@ def ranked_items(
     best_scores: Sequence[float] | FloatArray,
     item_ids: Sequence[str],
     because: Sequence[int] | IntArray | None = None,
-) -> list[RecommendedItem]:
-    """One row of top_k's result as the output schema's items (padding dropped).
+) -> list[WireItem]:
+    """One row of top_k's result as the output schema's items (padding dropped), in their
+    wire form: the dicts encode_recommendation writes (RecommendedItem.to_dict's), built
+    directly because this runs for every output (3 µs per list of 10 instead of 12).
 
     `because` (k,) is the explanation seam: for each recommended item, the index of the
     window item that explains it (from the processor's `explain` hook; 0 = none), mapped to its
@@ -469,13 +471,15 @@ def ranked_items(
     scores = best_scores.tolist() if isinstance(best_scores, np.ndarray) else best_scores
     if because is None:
         return [
-            RecommendedItem(item_ids[i], s, rank)
+            {"item_id": item_ids[i], "score": s, "rank": rank}
             for rank, (i, s) in enumerate(zip(best, scores, strict=True), 1)
             if i > 0
         ]
     why = because.tolist() if isinstance(because, np.ndarray) else because
     return [
-        RecommendedItem(item_ids[i], s, rank, item_ids[b] if b > 0 else None)
+        {"item_id": item_ids[i], "score": s, "rank": rank, "because": item_ids[b]}
+        if b > 0
+        else {"item_id": item_ids[i], "score": s, "rank": rank}
         for rank, (i, s, b) in enumerate(zip(best, scores, why, strict=True), 1)
         if i > 0
     ]

@@ -58,11 +58,15 @@ class ChangelogWriter:
         self.topic = topic
         self._delivery = delivery
 
-    def write(self, user_id: str, session: Session | None, partition: int, offset: int) -> None:
+    def write(
+        self, user_id: str, session: Session | bytes | None, partition: int, offset: int
+    ) -> None:
+        """The user's session (or its encoding; None: a tombstone) with its source offset."""
+        value = session.to_bytes() if isinstance(session, Session) else session
         self._delivery.produce(
             self.topic,
             user_id.encode("utf-8"),
-            None if session is None else session.to_bytes(),
+            value,
             headers=[(SOURCE_OFFSET, str(offset).encode())],
             partition=partition,
         )

@@ -3,11 +3,13 @@ from __future__ import annotations
 import numpy as np
 
 from export.bundle import window_len
+from stream.codec import RecommendedItem, encode_recommendation
 from stream.errors import ScoringError
 from stream.itemtable import ItemTable
 from stream.scoring import (
     isolate_failures,
     left_pad,
+    ranked_items,
     session_inputs,
     top_k,
     trimmed,
@@ -179,3 +181,22 @@ def test_trimmed_drops_only_all_padding_leading_columns() -> None:
     assert trimmed(np.zeros((2, 4), dtype=np.int64)).shape == (2, 1), "one column at least"
     full = np.arange(1, 7).reshape(2, 3)
     assert trimmed(full).shape == (2, 3)
+
+
+def test_ranked_items_are_the_wire_form_of_recommended_items() -> None:
+    ids = ("", "a", "b", "c", "d")
+    best, scores = np.array([3, 1, 0]), np.array([2.5, 1.0, -np.inf], dtype=np.float32)
+    want = [RecommendedItem("c", 2.5, 1), RecommendedItem("a", 1.0, 2)]
+    assert ranked_items(best, scores, ids) == [i.to_dict() for i in want], "padding dropped"
+    explained = ranked_items(best.tolist(), scores.tolist(), ids, [4, 0, 0])
+    assert explained == [RecommendedItem("c", 2.5, 1, "d").to_dict(), want[1].to_dict()]
+    assert "because" not in explained[1], "no explanation: the optional field is absent"
+    record = encode_recommendation(
+        user_id="u", items=explained, model_version="v", partition=0, offset=1, event_ts=2,
+        generated_ts=3,
+    )  # fmt: skip
+    same = encode_recommendation(
+        user_id="u", items=[RecommendedItem("c", 2.5, 1, "d"), want[1]], model_version="v",
+        partition=0, offset=1, event_ts=2, generated_ts=3,
+    )  # fmt: skip
+    assert record == same
