@@ -5,9 +5,11 @@ A bundle is a directory:
     manifest.json   format_version, model name/version, max_len, num_items, created_ts,
                     training_data, metrics, config, inputs, sha256 of every other file
     items.csv       index,item_id,title   (index 1..num_items; 0 is padding and not listed)
-    model.onnx      input  item_seq int64 [batch, max_len]  (0 = padding, left-padded,
-                                                             most recent item last)
-                    input  time_seq int64 [batch, max_len]  (optional; epoch seconds, 0 = pad)
+    model.onnx      input  item_seq int64 [batch, W]  (0 = padding, left-padded, most recent
+                                                       item last; W = max_len, or any
+                                                       1..max_len when the graph's axis 1 is
+                                                       symbolic, as exported graphs' are)
+                    input  time_seq int64 [batch, W]  (optional; epoch seconds, 0 = pad)
                     output scores   float32 [batch, num_items + 1]  (column i = item index i)
                     output hidden   float32 [batch, d_model]  (optional; scores = hidden @ V.T)
     item_vectors.npy  float32 [num_items + 1, d_model] = V, the item representation (row 0 =
@@ -17,9 +19,9 @@ A bundle is a directory:
 Models whose positions count from the first item of the window (no time input) also carry the
 incremental pair, declared in the manifest's optional `step` section (see StepSpec):
 
-    prefill.onnx    input  item_seq int64 [batch, max_len] (as model.onnx)
+    prefill.onnx    input  item_seq int64 [batch, W] (as model.onnx)
                     output scores, hidden (as model.onnx),
-                           kv float16 [batch, n_blocks, 2, max_len, d_model]: per block the
+                           kv float16 [batch, n_blocks, 2, W, d_model]: per block the
                            keys (0) and values (1) of every slot, aligned with item_seq
     step.onnx       input  item int64 [batch], position int64 [batch] (0-based, < max_len),
                            past_kv float16 [batch, n_blocks, 2, P, d_model] (P >= 1; slots at

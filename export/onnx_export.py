@@ -1,9 +1,9 @@
 """Export a trained SASRec checkpoint to ONNX, check parity with onnxruntime, write a bundle.
 
-model.onnx takes `item_seq` int64 [batch, max_len] (left-padded, 0 = padding; time-aware
-models also `time_seq`) and returns `scores` float32 [batch, num_items + 1] and `hidden` float32
-[batch, d_model]; models with positions counted from the window's first item also get the
-incremental pair (export/step_export.py). The contract is in export/bundle.py.
+model.onnx takes `item_seq` int64 [batch, W], any window width W <= max_len (left-padded, 0 =
+padding; time-aware models also `time_seq`) and returns `scores` float32 [batch, num_items + 1]
+and `hidden` float32 [batch, d_model]; models with positions counted from the window's first
+item also get the incremental pair (export/step_export.py). The contract is in export/bundle.py.
 """
 
 from __future__ import annotations
