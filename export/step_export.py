@@ -231,30 +231,26 @@ def check_step_parity(
     windows = parity_windows(cfg.num_items, cfg.max_len, batch, seed)
     full, torch_prefill, _ = torch_fns(model)
     prefill, step = onnx_fns(prefill_path, step_path)
-    want, got = torch_prefill(windows), prefill(windows)
-    kv_limit = PREFILL_ATOL + float(np.abs(want[2]).max()) * 2.0**-9  # 2 float16 ulps
+    L = cfg.max_len
+    kv_limit = PREFILL_ATOL + float(np.abs(torch_prefill(windows)[2]).max()) * 2.0**-9  # 2 ulps
     worst_prefill = 0.0
-    for name, w, g, limit in zip(
-        ("scores", "hidden", "kv"), want, got, (PREFILL_ATOL, PREFILL_ATOL, kv_limit), strict=True
-    ):
-        diff = check_output(f"prefill {name}", w.astype(np.float32), g, w.dtype.type)
-        if diff > limit:
-            raise ParityError(f"prefill {name} differs from torch by {diff:.2e} > {limit:.1e}")
-        worst_prefill = max(worst_prefill, diff if name != "kv" else 0.0)
-    # Serving cuts a prefill call to its longest window: the same windows at a quarter width.
-    width = max(1, cfg.max_len // 4)
-    short = short_windows(windows, width)
-    want, got = torch_prefill(short), prefill(short[:, cfg.max_len - width :])
-    want = (want[0], want[1], want[2][:, :, :, cfg.max_len - width :])
-    for name, w, g, limit in zip(
-        ("scores", "hidden", "kv"), want, got, (PREFILL_ATOL, PREFILL_ATOL, kv_limit), strict=True
-    ):
-        diff = check_output(f"prefill {name} (cut)", w.astype(np.float32), g, w.dtype.type)
-        if diff > limit:
-            raise ParityError(
-                f"prefill {name} cut to {width} slots differs from torch by {diff:.2e} > "
-                f"{limit:.1e}"
-            )
-        worst_prefill = max(worst_prefill, diff if name != "kv" else 0.0)
+    # At max_len, then cut to a quarter of it as serving cuts a call to its longest window
+    # (torch at full width: its outputs must not depend on the cut).
+    for width in (L, max(1, L // 4)):
+        batch_in = windows if width == L else short_windows(windows, width)
+        want, got = torch_prefill(batch_in), prefill(batch_in[:, L - width :])
+        want = (want[0], want[1], want[2][:, :, :, L - width :])
+        for name, w, g, limit in zip(
+            ("scores", "hidden", "kv"), want, got, (PREFILL_ATOL, PREFILL_ATOL, kv_limit),
+            strict=True,
+        ):  # fmt: skip
+            diff = check_output(f"prefill {name} at width {width}", w.astype(np.float32), g,
+                                w.dtype.type)  # fmt: skip
+            if diff > limit:
+                raise ParityError(
+                    f"prefill {name} at window width {width} differs from torch by {diff:.2e} "
+                    f"> {limit:.1e}"
+                )
+            worst_prefill = max(worst_prefill, diff if name != "kv" else 0.0)
     worst_step = check_replay(windows, full, prefill, step)
     return {"prefill_max_abs_diff": worst_prefill, "step_max_rel_diff": worst_step}

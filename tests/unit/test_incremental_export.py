@@ -361,3 +361,36 @@ def test_a_headless_manifest_needs_item_vectors_and_a_boolean_flag(
         (bad / MANIFEST).write_text(json.dumps(edited))
         with pytest.raises(BundleError, match=r"score_head|item_vectors"):
             load_bundle(bad)
+
+
+def test_exported_graphs_take_any_window_width_and_older_fixed_ones_are_recognised(
+    tmp_path: Path, exported
+) -> None:
+    """model.onnx and prefill.onnx accept windows cut below max_len (serving trims each call);
+    a graph exported with a fixed window axis, as before, is fed at max_len instead."""
+    from export.graphs import legacy_export
+    from model.incremental import FullModel
+    from stream.scoring import window_axis_free
+
+    ckpt, bundle_dir = exported
+    model = model_from_checkpoint(load_checkpoint(ckpt)).eval()
+    L = model.cfg.max_len
+    options = ort.SessionOptions()
+    for name in ("model.onnx", "prefill.onnx"):
+        session = ort.InferenceSession(str(bundle_dir / name), options)
+        assert window_axis_free(session), name
+        windows = parity_windows(model.cfg.num_items, L, 5)
+        windows[:, : L - 3] = 0  # at most 3 items: the last 3 columns carry them all
+        wide, cut = (
+            session.run(None, {"item_seq": windows}),
+            session.run(None, {"item_seq": windows[:, L - 3 :]}),
+        )
+        np.testing.assert_allclose(wide[0], cut[0], atol=1e-4)  # scores
+        np.testing.assert_allclose(wide[1], cut[1], atol=1e-4)  # hidden
+    fixed = legacy_export(
+        FullModel(model), (torch.ones(2, L, dtype=torch.int64),), tmp_path / "fixed.onnx",
+        input_names=["item_seq"], output_names=["scores", "hidden"],
+        dynamic_axes={"item_seq": {0: "batch"}, "scores": {0: "batch"}, "hidden": {0: "batch"}},
+        opset=17,
+    )  # fmt: skip
+    assert not window_axis_free(ort.InferenceSession(str(fixed), options))
