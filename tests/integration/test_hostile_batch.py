@@ -217,13 +217,13 @@ def test_a_hostile_batch_is_fully_accounted_for_and_scored(
 
     batch = Batch()
     events = processor._decode(msgs, batch)
-    before = {event.user_id: processor.store.get(event.user_id) for _, event in events}
+    before = {event.user_id: processor.store.get(event.user_id) for _, event, _ in events}
     processor._apply(events, batch)
     processor._write_state(batch)
     processor._score(batch)
 
     # Every record is accounted for exactly once: dead (with a known reason) or an event.
-    where = {(m.partition(), m.offset()): "valid" for m, _ in events}
+    where = {(m.partition(), m.offset()): "valid" for m, _, _ in events}
     for msg, invalid in batch.dead:
         assert invalid.reason in REASONS and invalid.reason != "scoring_failed", invalid
         assert invalid.detail, invalid
@@ -241,7 +241,7 @@ def test_a_hostile_batch_is_fully_accounted_for_and_scored(
     # Sessions grew by exactly the valid clicks; a forget deletes the session (and a later
     # click in the same batch starts a new one).
     expected: dict[str, int | None] = {}  # the session's event count; None: no session
-    for _, event in events:
+    for _, event, _ in events:
         user = event.user_id
         if user not in expected:
             prior = before[user]
