@@ -144,9 +144,8 @@ class OnnxScorer:
         """(B, max_len) int64 -> scores (B, num_items + 1) (None when headless), hidden (B, D)
         (None when the model has no hidden output)."""
         if self.trims:
-            width = trimmed(item_seq).shape[1]
-            item_seq = item_seq[:, item_seq.shape[1] - width :]
-            time_seq = None if time_seq is None else time_seq[:, time_seq.shape[1] - width :]
+            item_seq = trimmed(item_seq)
+            time_seq = None if time_seq is None else time_seq[:, -item_seq.shape[1] :]
         feeds = {"item_seq": item_seq}
         if self._uses_time:
             feeds["time_seq"] = time_seq if time_seq is not None else np.zeros_like(item_seq)
@@ -334,7 +333,7 @@ def _shifted(call: Callable[[int, int], None], start: int, lo: int, hi: int) -> 
 
 
 # One onnxruntime call's fixed cost in row-positions of the d=64 model (~0.1 ms against ~3 µs
-# per row-position at batch 64; benchmarks: BENCHMARKS.md, "trimmed windows").
+# per row-position at batch 64; BENCHMARKS.md, "windows cut to their length").
 CALL_COST_POSITIONS = 32
 
 
