@@ -23,12 +23,18 @@ from model.baselines import Popularity, TextKNN, TextKNNConfig
 from model.config import SASRecConfig, TrainConfig
 from model.data import SequenceDataset, Split, by_target, cold_start_split, train_sequences
 from model.evaluate import ScoreFn, evaluate_model, evaluate_scores_fn, torch_score_fn
+from model.sasrec import TextSASRec
 from model.text import TEXT_DIM, TEXT_ENCODER, TEXT_FORMAT, text_table
 from model.train import load_checkpoint, model_from_checkpoint, train
 
 logger = logging.getLogger(__name__)
 
 SPLITS: tuple[Split, Split] = ("valid", "test")
+# The text-aware model's novelty boost (SASRecConfig.novelty_boost) is picked on validation:
+# the best cold NDCG@10 among the boosts whose warm HR@10 and NDCG@10 stay within
+# BOOST_WARM_COST (relative) of the same model without a boost.
+BOOSTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
+BOOST_WARM_COST = 0.01
 TEXT_KNN_GRID = [{"session": s, "decay": d} for s in (1, 5, 20) for d in (0.7, 1.0)]
 TEXT = {"text_dim": TEXT_DIM, "text_encoder": TEXT_ENCODER, "text_format": TEXT_FORMAT}
 
@@ -198,13 +204,57 @@ def run_variant(
     tag = "id" if not extra else f"text-{extra['id_dropout']}"
     model = {**plan.model, **extra}
     net, row = run_sasrec(name, cold_ds, model, plan.train, work / f"cold-{tag}", threads)
+    boost = 0.0
+    if isinstance(net, TextSASRec):
+        row["unboosted"] = {g: _model_metrics(net, p) for g, p in parts.items()}
+        boost, row["boost"] = pick_boost(net, parts)
+        net.with_novelty_boost(boost)
     row.update({g: _model_metrics(net, p) for g, p in parts.items()})
     row["cold_among_held_out"] = _among(torch_score_fn(net), held, parts, net.cfg.max_len)
     if plan.overall:
         net, full = run_sasrec(name, ds, model, plan.train, work / f"full-{tag}", threads)
+        if isinstance(net, TextSASRec):  # the same boost: it moves only items without clicks
+            net.with_novelty_boost(boost)
         row["overall"] = {s: evaluate_model(net, ds, s) for s in SPLITS}
         row["overall_run"] = {k: full[k] for k in ("best_epoch", "train_seconds")}
     return row
+
+
+def pick_boost(
+    net: TextSASRec,
+    parts: dict[str, dict[str, SequenceDataset]],
+    boosts: tuple[float, ...] = BOOSTS,
+    cap: float = BOOST_WARM_COST,
+) -> tuple[float, dict[str, Any]]:
+    """(boost, record): the novelty boost chosen on the validation cases (see BOOSTS)."""
+    tried = []
+    for boost in boosts:
+        net.with_novelty_boost(boost)
+        metrics = {g: evaluate_model(net, parts[g]["valid"], "valid") for g in ("cold", "warm")}
+        tried.append({"boost": boost, **{f"{g}_valid": _headline(m) for g, m in metrics.items()}})
+    net.with_novelty_boost(0.0)
+    return choose_boost(tried, cap), {"rule": BOOST_RULE, "cap": cap, "tried": tried}
+
+
+BOOST_RULE = (
+    "best cold valid ndcg@10 among boosts whose warm valid hr@10 and ndcg@10 are within cap "
+    "(relative) of boost 0"
+)
+
+
+def choose_boost(tried: list[dict[str, Any]], cap: float) -> float:
+    """BOOST_RULE over pick_boost's rows (one of them is boost 0)."""
+    base = next(t for t in tried if t["boost"] == 0.0)["warm_valid"]
+    allowed = [
+        t for t in tried
+        if all(t["warm_valid"][m] >= (1.0 - cap) * base[m] for m in ("hr@10", "ndcg@10"))
+    ]  # fmt: skip
+    best = max(allowed, key=lambda t: (t["cold_valid"]["ndcg@10"], -t["boost"]))
+    return float(best["boost"])
+
+
+def _headline(metrics: dict[str, float]) -> dict[str, float]:
+    return {m: metrics[m] for m in ("hr@10", "ndcg@10")}
 
 
 def _model_metrics(net: Any, by_split: dict[str, SequenceDataset]) -> dict[str, Any]:

@@ -11,10 +11,15 @@ A bundle is a directory:
                                                        symbolic, as exported graphs' are)
                     input  time_seq int64 [batch, W]  (optional; epoch seconds, 0 = pad)
                     output scores   float32 [batch, num_items + 1]  (column i = item index i)
-                    output hidden   float32 [batch, d_model]  (optional; scores = hidden @ V.T)
+                    output hidden   float32 [batch, d_model]  (optional; scores = hidden @ V.T + b)
     item_vectors.npy  float32 [num_items + 1, d_model] = V, the item representation (row 0 =
                     padding), so serving can score items outside the graph; exported models
                     write it, hand-built bundles may lack it. Models may add more `<name>.npy`.
+    item_bias.npy   float32 [num_items + 1] (optional) = b, added to every score (scores =
+                    hidden @ V.T + b): text-aware models' novelty boost on the items without a
+                    trained ID. The graphs add it themselves; serving adds it where it scores
+                    outside them (headless bundles), and adds manifest config `novelty_boost`
+                    to the items it adds at run time (stream/itemtable.py).
 
 Models whose positions count from the first item of the window (no time input) also carry the
 incremental pair, declared in the manifest's optional `step` section (see StepSpec):
@@ -63,6 +68,7 @@ MODEL = "model.onnx"
 PREFILL = "prefill.onnx"
 STEP = "step.onnx"
 ITEM_VECTORS = "item_vectors.npy"
+ITEM_BIAS = "item_bias.npy"
 KNOWN_INPUTS = ("item_seq", "time_seq")
 CACHE_DTYPES = ("float16",)
 # Above this many items export_bundle leaves the score head out by default: scoring every item

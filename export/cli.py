@@ -31,6 +31,11 @@ def add_commands(subparsers: Any) -> None:
         "(default above 200k items)",
     )  # fmt: skip
     head.add_argument("--score-head", dest="score_head", action="store_true")
+    p.add_argument(
+        "--novelty-boost", type=float, default=None,
+        help="text-aware models: added to the score of items without a trained ID (new items); "
+        "default: the checkpoint's (0 unless set)",
+    )  # fmt: skip
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser(
@@ -55,7 +60,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         path = export_bundle(
             args.checkpoint, args.out, model_version=args.model_version, opset=args.opset,
-            score_head=args.score_head,
+            score_head=args.score_head, novelty_boost=args.novelty_boost,
         )  # fmt: skip
         bundle = load_bundle(path)
     except (ExportError, ModelError) as exc:

@@ -35,7 +35,7 @@ from export.graphs import (
 )
 from export.step_export import STEP_RTOL, check_step_parity, export_step_pair, step_spec
 from model.incremental import FullModel, supports_step, uses_time
-from model.sasrec import SASRec
+from model.sasrec import SASRec, TextSASRec
 from model.train import load_checkpoint, model_from_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -130,8 +130,13 @@ def export_bundle(
     metrics: dict[str, Any] | None = None,
     opset: int = 17,
     score_head: bool | None = None,
+    novelty_boost: float | None = None,
 ) -> Path:
     """Export the checkpoint's model, check parity, and write a verified bundle at out_dir.
+
+    `novelty_boost` (text-aware models) replaces the checkpoint's: added to the score of every
+    item without a trained ID, in the graphs, in item_bias.npy and (manifest config) for the
+    items serving adds at run time.
 
     `score_head=False` writes headless graphs (`hidden`, no `scores`; serving ranks items
     outside onnxruntime); None = headless above SCORE_HEAD_MAX_ITEMS items. Parity is checked
@@ -139,6 +144,10 @@ def export_bundle(
     """
     ckpt = load_checkpoint(Path(checkpoint))
     model = model_from_checkpoint(ckpt)
+    if novelty_boost is not None:
+        if not isinstance(model, TextSASRec):
+            raise ExportError("--novelty-boost needs a text-aware model (trained with --text)")
+        model.with_novelty_boost(novelty_boost)
     if score_head is None:
         score_head = model.cfg.num_items <= SCORE_HEAD_MAX_ITEMS
     version = model_version or _default_version(model)

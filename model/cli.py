@@ -43,6 +43,10 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--text-combine", choices=("sum", "gate"), default="sum")
     p.add_argument("--id-dropout", type=float, default=0.0, help="share of ID parts dropped")
     p.add_argument(
+        "--id-dropout-side", choices=("both", "output"), default="both",
+        help="drop IDs in the input windows and the softmax, or in the softmax only",
+    )  # fmt: skip
+    p.add_argument(
         "--time-buckets", type=int, default=0, help="time-aware with this many log2 buckets"
     )
     p.add_argument("--session-gap", type=int, default=1800, help="seconds that start a session")
@@ -138,6 +142,7 @@ def train_from_args(args: argparse.Namespace) -> Path | None:
             positions=args.positions,
             text_combine=args.text_combine,
             id_dropout=args.id_dropout,
+            id_dropout_side=args.id_dropout_side,
             time_buckets=args.time_buckets,
             session_gap_s=args.session_gap,
             **(text if args.text else {}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -11,6 +12,7 @@ Positions = Literal["slot", "first"]
 Windows = Literal["last", "all"]
 Schedule = Literal["constant", "cosine"]
 TextCombine = Literal["sum", "gate"]
+IdDropoutSide = Literal["both", "output"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,14 @@ class SASRecConfig:
     # Training only: each step, this share of items lose their ID part (input and output side),
     # so the text projection learns to stand alone as it must for unseen items.
     id_dropout: float = 0.0
+    # "both": IDs are dropped in the input windows and in the output softmax (two independent
+    # draws per step); "output": in the softmax only, so the Transformer always reads known
+    # items with their IDs.
+    id_dropout_side: IdDropoutSide = "both"
+    # Scoring only (never training): added to the score of every item without a trained ID, so
+    # a new item with only a title can reach the top k at all. A product knob, the exposure new
+    # items get; make eval picks it on validation under a cap on what it costs known items.
+    novelty_boost: float = 0.0
     # Time-aware (model/sasrec.py TimeFeatures): 0 = no time input. Otherwise the number of
     # log2 buckets for the interval to the previous click (input embedding) and for the time
     # between a query click and each earlier click (a learned attention bias per head).
@@ -60,6 +70,13 @@ class SASRecConfig:
                 f"text_combine must be 'sum' or 'gate' and id_dropout in [0, 1), got "
                 f"{self.text_combine!r}, {self.id_dropout}"
             )
+        if not math.isfinite(self.novelty_boost) or (self.novelty_boost and not self.text_dim):
+            raise ConfigError(
+                f"novelty_boost must be finite and needs a text-aware model (text_dim > 0), got "
+                f"{self.novelty_boost} with text_dim {self.text_dim}"
+            )
+        if self.id_dropout_side not in ("both", "output"):
+            raise ConfigError(f"id_dropout_side must be both or output, got {self.id_dropout_side!r}")
         if self.time_buckets == 1:
             raise ConfigError("time_buckets must be 0 (off) or >= 2")
 

@@ -95,6 +95,7 @@ class StepModel(nn.Module):
     """
 
     vectors: torch.Tensor  # (N + 1, D)
+    bias: torch.Tensor | None  # (N + 1,)
 
     def __init__(self, model: SASRec) -> None:
         super().__init__()
@@ -103,6 +104,8 @@ class StepModel(nn.Module):
         self.scale = math.sqrt(model.cfg.d_model)
         # A constant: the graph does not recompute a derived item representation per call.
         self.register_buffer("vectors", model.item_vectors().detach().clone(), persistent=False)
+        bias = model.score_bias()  # (N + 1,) or None, as the full model's logits add it
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), False)
 
     def forward(
         self, item: torch.Tensor, position: torch.Tensor, past_kv: torch.Tensor
@@ -122,6 +125,8 @@ class StepModel(nn.Module):
             new_kv.append(torch.stack([k, v], dim=1))  # (B, 2, D)
         hidden = self.model.ln_f(x)  # (B, D)
         scores = hidden @ vectors.T  # (B, N + 1)
+        if self.bias is not None:
+            scores = scores + self.bias
         return scores, hidden, torch.stack(new_kv, dim=1).to(CACHE_DTYPE)  # (B, nb, 2, D)
 
 

@@ -14,6 +14,7 @@ Two optional parts, both off by default (the ID-only model is then exactly the o
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -100,7 +101,7 @@ class SASRec(nn.Module):
         time_seq (B, L) int64 epoch seconds, aligned with item_seq: needed by time-aware models,
         ignored by the others."""
         scale = math.sqrt(self.cfg.d_model)
-        items = F.embedding(item_seq, self.item_vectors(), padding_idx=0)  # (B, L, D)
+        items = F.embedding(item_seq, self.input_vectors(), padding_idx=0)  # (B, L, D)
         x = items * scale + self.pos_emb(self.positions(item_seq))  # (B, L, D)
         allowed = attention_mask(item_seq)  # (B, 1, L, L)
         if self.time is not None:
@@ -121,9 +122,21 @@ class SASRec(nn.Module):
         the ONNX graph (ANN, items added at run time, explanations)."""
         return self.item_emb.weight
 
+    def input_vectors(self) -> torch.Tensor:
+        """(N + 1, D): the items as the input windows read them; item_vectors() unless a
+        subclass trains the two sides differently (they are equal outside training)."""
+        return self.item_vectors()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., D) -> scores (..., num_items + 1); column 0 is padding."""
-        return hidden @ self.item_vectors().T
+        scores = hidden @ self.item_vectors().T
+        bias = self.score_bias()
+        return scores if bias is None else scores + bias
+
+    def score_bias(self) -> torch.Tensor | None:
+        """(N + 1,) added to every score row outside training, or None (the ID-only model).
+        Training never sees it: the loss ranks with item_vectors() alone."""
+        return None
 
     def score_last(
         self, item_seq: torch.Tensor, time_seq: torch.Tensor | None = None
@@ -185,7 +198,8 @@ class TextSASRec(SASRec):
     during training: that is how the text-only form learns what it is worth. Such items also
     stay out of the training softmax (`softmax_items`). An item added at serving time is
     treated exactly the same way: `bundle_extras` folds the scale and `unknown` into one affine
-    map of the text embedding."""
+    map of the text embedding. Outside training, `cfg.novelty_boost` is added to the scores of
+    the items without a trained ID (`score_bias`); serving adds it to runtime items too."""
 
     text_emb: torch.Tensor  # (N + 1, T) buffer, frozen
     known: torch.Tensor  # (N + 1, 1) buffer, 1.0 = trained ID embedding
@@ -227,6 +241,14 @@ class TextSASRec(SASRec):
         known = self.known  # (N + 1, 1)
         if self.training and self.cfg.id_dropout > 0.0:
             known = known * (torch.rand_like(known) >= self.cfg.id_dropout)  # (N + 1, 1)
+        return self._vectors(known)
+
+    def input_vectors(self) -> torch.Tensor:
+        if self.cfg.id_dropout_side == "output":
+            return self._vectors(self.known)  # no ID dropout on the input side
+        return self.item_vectors()
+
+    def _vectors(self, known: torch.Tensor) -> torch.Tensor:
         trained = self.item_emb.weight  # (N + 1, D)
         if self.text_gate is not None:
             trained = trained * torch.sigmoid(self.text_gate(self.text_emb))  # (N + 1, D)
@@ -234,6 +256,22 @@ class TextSASRec(SASRec):
         text_scale = known + self.unknown_scale * (1.0 - known)  # (N + 1, 1)
         vectors = self.text_proj(self.text_emb) * text_scale + ids  # (N + 1, D)
         return F.pad(vectors[1:], (0, 0, 1, 0))  # (N + 1, D), row 0 = padding = zeros
+
+    def score_bias(self) -> torch.Tensor | None:
+        """novelty_boost on the items without a trained ID (0 elsewhere, padding included)."""
+        if not self.cfg.novelty_boost or self.training:
+            return None
+        return self._novelty_bias()
+
+    def _novelty_bias(self) -> torch.Tensor:
+        untrained = 1.0 - self.known[:, 0]  # (N + 1,)
+        return F.pad(untrained[1:] * self.cfg.novelty_boost, (1, 0))  # (N + 1,), padding 0
+
+    def with_novelty_boost(self, boost: float) -> TextSASRec:
+        """Set the scoring-time boost of items without a trained ID (config, so checkpoints and
+        manifests carry it); returns self."""
+        self.cfg = replace(self.cfg, novelty_boost=float(boost))
+        return self
 
     def softmax_items(self) -> torch.Tensor:
         """Padding and the known items only. An item with no training clicks is never a target;
@@ -250,11 +288,14 @@ class TextSASRec(SASRec):
         scale = self.unknown_scale  # (1,)
         weight = self.text_proj.weight.T * scale  # (T, D)
         bias = self.text_proj.bias * scale + self.unknown  # (D,)
-        return {
+        extras = {
             "item_text_emb": self.text_emb.detach().numpy().copy(),  # (N + 1, T)
             "text_proj_w": weight.detach().numpy().copy(),  # (T, D)
             "text_proj_b": bias.detach().numpy().copy(),  # (D,)
         }
+        if self.cfg.novelty_boost:  # for serving that scores outside the graph (headless, ANN)
+            extras["item_bias"] = self._novelty_bias().detach().numpy().astype(np.float32)
+        return extras
 
 
 class TimeFeatures(nn.Module):

@@ -210,9 +210,19 @@ class VectorRanker:
     table's runtime items exactly, merged; removed items and the session's own never ranked.
     """
 
-    def __init__(self, vectors: FloatArray, index: AnnIndex | None) -> None:
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N + 1, D)
+    def __init__(self, vectors: FloatArray, index: AnnIndex | None, biased: bool = False) -> None:
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N + 1, D [+ 1])
         self.index = index
+        # The last column of `vectors` is the bundle's item_bias (see `with_bias`).
+        self.biased = biased
+
+    @staticmethod
+    def with_bias(vectors: FloatArray, bias: FloatArray | None) -> FloatArray:
+        """(N + 1, D) and item_bias (N + 1,) -> (N + 1, D + 1): [v, b] . [h, 1] = h . v + b,
+        so exact and ANN search rank the biased scores by one inner product."""
+        if bias is None:
+            return vectors
+        return np.hstack([vectors, np.asarray(bias, np.float32).reshape(-1, 1)])
 
     @classmethod
     def for_bundle(
@@ -221,17 +231,21 @@ class VectorRanker:
         mode: str,
         cache_dir: Path | None,
         params: AnnParams | None = None,
+        bias: FloatArray | None = None,
     ) -> VectorRanker:
-        """mode exact | ann | auto (ann when faiss is installed, else exact with a warning)."""
+        """mode exact | ann | auto (ann when faiss is installed, else exact with a warning);
+        `bias` (N + 1,) is added to each bundle item's score (text-aware novelty boost)."""
+        biased = bias is not None
+        vectors = cls.with_bias(vectors, bias)
         if mode == "exact":
-            return cls(vectors, None)
+            return cls(vectors, None, biased)
         if mode == "auto":
             try:
                 _faiss()
             except ConfigError:
                 logger.warning("faiss is not installed: exact top-k over %d items", len(vectors))
-                return cls(vectors, None)
-        return cls(vectors, AnnIndex.load_or_build(vectors, cache_dir, params))
+                return cls(vectors, None, biased)
+        return cls(vectors, AnnIndex.load_or_build(vectors, cache_dir, params), biased)
 
     def top_k(
         self, hidden: FloatArray, seen: IntArray, view: TableView, k: int
@@ -240,19 +254,24 @@ class VectorRanker:
         best first, padded with 0 / -inf (stream.scoring.top_k's contract)."""
         n1 = len(self.vectors)  # N + 1
         mask = view.hidden_mask
+        query = hidden
+        if self.biased:  # (B, D + 1): the 1 that picks up each item's bias
+            query = np.hstack([hidden, np.ones((len(hidden), 1), np.float32)])
         removed = np.zeros(0, np.int64) if mask is None else np.flatnonzero(mask[:n1])
         bundle_seen = np.where(seen < n1, seen, 0)  # (B, S) runtime items are not indexed
         if removed.size:  # removed bundle items are dropped like seen ones
             dropped = np.broadcast_to(removed, (len(seen), removed.size))
             bundle_seen = np.hstack([bundle_seen, dropped])
         if self.index is None:
-            best, best_scores = exact_top_k(hidden, self.vectors, bundle_seen, k)
+            best, best_scores = exact_top_k(query, self.vectors, bundle_seen, k)
         else:
-            best, best_scores = self.index.top_k(hidden, bundle_seen, k)
+            best, best_scores = self.index.top_k(query, bundle_seen, k)
         if not len(view.runtime):
             return best, best_scores
         # Runtime items (index N + 1 + j): exactly, then one merge of k + M candidates per row.
         extra = (hidden @ view.runtime.T).astype(np.float32)  # (B, M)
+        if view.runtime_boost:
+            extra += np.float32(view.runtime_boost)
         if mask is not None:
             extra[:, mask[n1:]] = -np.inf
         rows, cols = np.nonzero(seen >= n1)

@@ -333,12 +333,13 @@ def make_scorer(
             backing=backing, max_rows=settings.onnx_max_rows,
         )  # fmt: skip
     if not bundle.score_head:
-        vectors = scorer.items.view.bundle_vectors
-        assert vectors is not None  # a headless bundle must carry item_vectors.npy
+        view = scorer.items.view
+        assert view.bundle_vectors is not None  # a headless bundle must carry item_vectors.npy
         params = AnnParams(ef_search=settings.ann_ef_search, threads=settings.ann_threads)
         scorer.ranker = VectorRanker.for_bundle(
-            vectors, settings.topk, settings.state_dir / "ann", params
-        )
+            view.bundle_vectors, settings.topk, settings.state_dir / "ann", params,
+            bias=view.bundle_bias,
+        )  # fmt: skip
     return scorer
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -44,6 +44,10 @@ class TableView:
     bundle_vectors: FloatArray | None  # (N + 1, D) item_vectors.npy, when the bundle has it
     runtime: FloatArray  # (M, D) vectors of the runtime items, index N + 1 + j
     hidden_mask: BoolArray | None  # (N + 1 + M,) True = never recommend (removed items)
+    # Text-aware bundles: the novelty boost on items without a trained ID. The graphs add
+    # bundle_bias to their own columns; runtime items (never trained) get runtime_boost here.
+    bundle_bias: FloatArray | None = None  # (N + 1,) item_bias.npy, when the bundle has it
+    runtime_boost: float = 0.0  # manifest config novelty_boost
 
     @property
     def width(self) -> int:
@@ -69,6 +73,8 @@ class TableView:
             if hidden is None:
                 raise ScoringError("model.onnx has no hidden output; re-export the model")
             extra = hidden @ self.runtime.T  # (B, D) @ (D, M) -> (B, M)
+            if self.runtime_boost:
+                extra += np.float32(self.runtime_boost)
             scores = np.concatenate([scores, extra.astype(np.float32, copy=False)], axis=1)
         if self.hidden_mask is not None:
             scores[:, self.hidden_mask] = -np.inf
@@ -78,19 +84,27 @@ class TableView:
 class ItemTable:
     """The bundle's items plus runtime ones; `view` is the current immutable state."""
 
-    def __init__(self, item_ids: Sequence[str], bundle_vectors: FloatArray | None) -> None:
+    def __init__(
+        self,
+        item_ids: Sequence[str],
+        bundle_vectors: FloatArray | None,
+        *,
+        bundle_bias: FloatArray | None = None,
+        runtime_boost: float = 0.0,
+    ) -> None:
         ids = tuple(item_ids)
-        if bundle_vectors is not None and bundle_vectors.shape[0] != len(ids):
-            raise ScoringError(
-                f"item_vectors.npy has {bundle_vectors.shape[0]} rows for {len(ids)} item "
-                "indices (padding included); re-export the bundle"
-            )
+        for name, array in (("item_vectors.npy", bundle_vectors), ("item_bias.npy", bundle_bias)):
+            if array is not None and array.shape[0] != len(ids):
+                raise ScoringError(
+                    f"{name} has {array.shape[0]} rows for {len(ids)} item indices (padding "
+                    "included); re-export the bundle"
+                )
         dim = 0 if bundle_vectors is None else bundle_vectors.shape[1]
         self._bundle_index = {item_id: i for i, item_id in enumerate(ids) if i > 0}
         self._removed: frozenset[str] = frozenset()
         self.view = TableView(
             ids, dict(self._bundle_index), len(ids), bundle_vectors,
-            np.zeros((0, dim), np.float32), None,
+            np.zeros((0, dim), np.float32), None, bundle_bias, float(runtime_boost),
         )  # fmt: skip
 
     @property
@@ -149,4 +163,4 @@ class ItemTable:
         if self._removed:
             mask = np.zeros(len(ids), dtype=np.bool_)
             mask[[index[i] for i in self._removed]] = True
-        self.view = TableView(ids, index, old.num_model, old.bundle_vectors, runtime, mask)
+        self.view = replace(old, ids=ids, index=index, runtime=runtime, hidden_mask=mask)

@@ -20,13 +20,14 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from export.bundle import KNOWN_INPUTS, Bundle, window_len
+from export.bundle import ITEM_BIAS, KNOWN_INPUTS, Bundle, window_len
 from stream.ann import VectorRanker
 from stream.codec import WireItem
 from stream.errors import ScoringError
@@ -65,15 +66,21 @@ def onnx_session(path: object, threads: int) -> ort.InferenceSession:
 
 
 def load_item_table(bundle: Bundle) -> ItemTable:
-    """The bundle's items, with item_vectors.npy when the bundle carries it."""
+    """The bundle's items, with item_vectors.npy when the bundle carries it, and a text-aware
+    bundle's novelty boost (item_bias.npy, manifest config novelty_boost)."""
     path = bundle.item_vectors_path
-    vectors = None
-    if path is not None:
-        try:
-            vectors = np.load(path, allow_pickle=False).astype(np.float32, copy=False)
-        except (OSError, ValueError) as exc:
-            raise ScoringError(f"cannot read {path}: {exc}; re-export the bundle") from exc
-    return ItemTable(bundle.item_ids, vectors)
+    vectors = None if path is None else _read_array(path)
+    bias = _read_array(bundle.path / ITEM_BIAS) if ITEM_BIAS in bundle.manifest.files else None
+    boost = float(bundle.manifest.config.get("novelty_boost") or 0.0)
+    return ItemTable(bundle.item_ids, vectors, bundle_bias=bias, runtime_boost=boost)
+
+
+def _read_array(path: Path) -> FloatArray:
+    try:
+        array: FloatArray = np.load(path, allow_pickle=False).astype(np.float32, copy=False)
+    except (OSError, ValueError) as exc:
+        raise ScoringError(f"cannot read {path}: {exc}; re-export the bundle") from exc
+    return array
 
 
 class OnnxScorer:
@@ -164,9 +171,11 @@ class OnnxScorer:
         every item, for callers outside the hot path)."""
         scores, hidden = self.score_hidden(item_seq, time_seq)
         if scores is None:
-            vectors = self.items.view.bundle_vectors  # a headless bundle always has them
+            view = self.items.view
+            vectors = view.bundle_vectors  # a headless bundle always has them
             assert hidden is not None and vectors is not None
-            return (hidden @ vectors.T).astype(np.float32, copy=False)  # (B, N + 1)
+            scores = (hidden @ vectors.T).astype(np.float32, copy=False)  # (B, N + 1)
+            return scores if view.bundle_bias is None else scores + view.bundle_bias
         return scores
 
 

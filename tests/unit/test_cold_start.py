@@ -149,3 +149,25 @@ def test_among_held_out_ranks_against_the_held_out_items_only():
     assert np.isneginf(out[:, [0, 1, 2, 4]]).all()
     np.testing.assert_array_equal(out[:, [3, 5]], [[2, 0], [2, 0]])
     assert score(np.zeros((1, 4), np.int64))[0, 1] == 4  # the wrapped function's output is kept
+
+
+def test_the_novelty_boost_is_the_best_cold_one_within_the_warm_cap():
+    from benchmarks.eval_cold import choose_boost
+
+    def row(boost: float, cold: float, warm_hr: float, warm_ndcg: float) -> dict[str, object]:
+        return {
+            "boost": boost,
+            "cold_valid": {"hr@10": cold, "ndcg@10": cold},
+            "warm_valid": {"hr@10": warm_hr, "ndcg@10": warm_ndcg},
+        }
+
+    tried = [
+        row(0.0, 0.010, 0.300, 0.200),
+        row(0.1, 0.020, 0.299, 0.199),
+        row(0.2, 0.030, 0.298, 0.1975),  # warm NDCG -1.25 %: over a 1 % cap
+        row(0.5, 0.040, 0.250, 0.150),
+    ]
+    assert choose_boost(tried, cap=0.01) == 0.1
+    assert choose_boost(tried, cap=0.02) == 0.2
+    assert choose_boost(tried, cap=0.5) == 0.5
+    assert choose_boost([row(0.0, 0.02, 0.3, 0.2), row(0.3, 0.01, 0.3, 0.2)], cap=0.01) == 0.0

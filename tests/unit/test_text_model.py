@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -172,3 +174,53 @@ def test_time_model_is_causal_needs_times_and_ignores_padding():
     assert not torch.allclose(a[:, -1], b[:, -1], atol=1e-4)
     with pytest.raises(ConfigError):
         model(items)
+
+
+def test_novelty_boost_lifts_untrained_items_at_scoring_time_only():
+    model = text_model(known=[1, 2, 3, 4, 5, 6, 7, 8])
+    seq = pad([1, 5, 9])
+    with torch.no_grad():
+        plain = model.score_last(seq)
+        boosted = model.with_novelty_boost(0.75).score_last(seq)
+        assert model.cfg.novelty_boost == 0.75  # in the config: checkpoints and manifests
+        np.testing.assert_allclose((boosted - plain)[0, 9:], 0.75, rtol=1e-5)
+        np.testing.assert_allclose((boosted - plain)[0, :9], 0.0, atol=1e-6)  # padding, known
+        assert model.train().score_bias() is None  # the training loss never sees it
+    bias = model.eval().bundle_extras()["item_bias"]
+    assert bias.dtype == np.float32 and bias.shape == (N + 1,)
+    np.testing.assert_array_equal(bias, [0.0] * 9 + [0.75] * 4)
+    assert "item_bias" not in model.with_novelty_boost(0.0).bundle_extras()
+
+
+def test_novelty_boost_needs_a_text_model_and_a_finite_value():
+    with pytest.raises(ConfigError, match="novelty_boost"):
+        SASRecConfig(num_items=N, novelty_boost=0.5)
+    with pytest.raises(ConfigError, match="novelty_boost"):
+        SASRecConfig(num_items=N, text_dim=T, novelty_boost=float("nan"))
+
+
+def test_the_step_pair_adds_the_novelty_boost_as_the_full_model_does():
+    from export.graphs import parity_windows
+    from export.step_export import STEP_RTOL, check_replay, torch_fns
+
+    model = text_model(known=[1, 2, 3, 4, 5, 6, 7, 8]).with_novelty_boost(2.0)
+    windows = parity_windows(N, L, 9, seed=0)
+    full, prefill, step = torch_fns(model)
+    assert check_replay(windows, full, prefill, step, from_empty=True) <= STEP_RTOL
+    plain = torch_fns(text_model(known=[1, 2, 3, 4, 5, 6, 7, 8]))[2]
+    past = np.zeros((1, 2, 2, 1, D), np.float16)
+    item, position = np.array([3]), np.array([0])
+    lift = step(item, position, past)[0] - plain(item, position, past)[0]
+    np.testing.assert_allclose(lift[0], [0.0] * 9 + [2.0] * 4, atol=1e-5)
+
+
+def test_output_side_id_dropout_keeps_the_input_windows_exact():
+    model = text_model(id_dropout=0.5)
+    model.cfg = replace(model.cfg, id_dropout_side="output")
+    with torch.no_grad():
+        exact = model.item_vectors()
+        model.train()
+        torch.manual_seed(1)
+        inputs, outputs = model.input_vectors(), model.item_vectors()
+    torch.testing.assert_close(inputs, exact)  # the Transformer reads every ID
+    assert not torch.allclose(outputs, exact)  # the softmax still loses some
