@@ -208,6 +208,7 @@ def run_variant(
     if isinstance(net, TextSASRec):
         row["unboosted"] = {g: _model_metrics(net, p) for g, p in parts.items()}
         boost, row["boost"] = pick_boost(net, parts)
+        row["boost_value"] = boost
         net.with_novelty_boost(boost)
     row.update({g: _model_metrics(net, p) for g, p in parts.items()})
     row["cold_among_held_out"] = _among(torch_score_fn(net), held, parts, net.cfg.max_len)

@@ -224,17 +224,33 @@ def render_cold(report: dict[str, Any], json_path: Path, png: Path | None) -> st
         f"({cases['warm']['test']:,}). Full ranking over all items, history masked, pessimistic "
         "ties. Settings (text-kNN's window, the text variant) were chosen on validation.",
         "",
-        "| model | cold HR@10 | cold NDCG@10 | warm HR@10 | warm NDCG@10 | cold valid NDCG@10 "
-        "| cold HR@10 among held-out | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | novelty boost | cold HR@10 | cold NDCG@10 | warm HR@10 | warm NDCG@10 "
+        "| cold valid NDCG@10 | cold HR@10 among held-out | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    unboosted = []
     for r in rows:
         secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "0"
         cold, warm = r["cold"]["test"], r["warm"]["test"]
-        cells = [r["model"], _f(cold, "hr@10"), _f(cold, "ndcg@10"), _f(warm, "hr@10")]
+        boost = f"{r['boost_value']:g}" if "boost_value" in r else ""
+        cells = [r["model"], boost, _f(cold, "hr@10"), _f(cold, "ndcg@10"), _f(warm, "hr@10")]
         cells += [_f(warm, "ndcg@10"), _f(r["cold"]["valid"], "ndcg@10")]
         cells += [_f(r["cold_among_held_out"]["test"], "hr@10"), secs]
         lines.append("| " + " | ".join(cells) + " |")
+        if "unboosted" in r:
+            c, w = r["unboosted"]["cold"]["test"], r["unboosted"]["warm"]["test"]
+            unboosted.append(
+                f"{r['model']}: cold {_f(c, 'hr@10')} / {_f(c, 'ndcg@10')}, warm "
+                f"{_f(w, 'hr@10')} / {_f(w, 'ndcg@10')}"
+            )
+    if unboosted:
+        rule = next(r["boost"] for r in rows if "boost" in r)
+        lines += [
+            "",
+            f"Novelty boost (added to the score of every item without a trained ID; "
+            f"`SASRecConfig.novelty_boost`): chosen on validation, {rule['rule']} (cap "
+            f"{rule['cap']:.0%}). Without it (HR@10 / NDCG@10): " + "; ".join(unboosted) + ".",
+        ]
     lines += [
         "",
         f'A random ranking would give cold HR@10 {res["chance_hr@10"]:.4f}. "Among held-out": '
