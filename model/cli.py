@@ -47,6 +47,10 @@ def _add_train(subparsers: Any) -> None:
         help="drop IDs in the input windows and the softmax, or in the softmax only",
     )  # fmt: skip
     p.add_argument(
+        "--text-only-loss", type=float, default=0.0,
+        help="weight of a second softmax over every item's text-alone form (text models)",
+    )  # fmt: skip
+    p.add_argument(
         "--time-buckets", type=int, default=0, help="time-aware with this many log2 buckets"
     )
     p.add_argument("--session-gap", type=int, default=1800, help="seconds that start a session")
@@ -143,6 +147,7 @@ def train_from_args(args: argparse.Namespace) -> Path | None:
             text_combine=args.text_combine,
             id_dropout=args.id_dropout,
             id_dropout_side=args.id_dropout_side,
+            text_only_loss=args.text_only_loss,
             time_buckets=args.time_buckets,
             session_gap_s=args.session_gap,
             **(text if args.text else {}),

@@ -45,6 +45,10 @@ class SASRecConfig:
     # draws per step); "output": in the softmax only, so the Transformer always reads known
     # items with their IDs.
     id_dropout_side: IdDropoutSide = "both"
+    # Training only: weight of a second full softmax in which every item is its text alone
+    # (the form an item without a trained ID has), so the text path learns to rank without
+    # taking IDs away from the main softmax. 0 = off.
+    text_only_loss: float = 0.0
     # Scoring only (never training): added to the score of every item without a trained ID, so
     # a new item with only a title can reach the top k at all. A product knob, the exposure new
     # items get; make eval picks it on validation under a cap on what it costs known items.
@@ -75,8 +79,10 @@ class SASRecConfig:
                 f"novelty_boost must be finite and needs a text-aware model (text_dim > 0), got "
                 f"{self.novelty_boost} with text_dim {self.text_dim}"
             )
+        if self.text_only_loss < 0.0 or (self.text_only_loss and not self.text_dim):
+            raise ConfigError("text_only_loss must be >= 0 and needs a text-aware model")
         if self.id_dropout_side not in ("both", "output"):
-            raise ConfigError(f"id_dropout_side must be both or output, got {self.id_dropout_side!r}")
+            raise ConfigError(f"id_dropout_side must be both or output: {self.id_dropout_side!r}")
         if self.time_buckets == 1:
             raise ConfigError("time_buckets must be 0 (off) or >= 2")
 

@@ -144,4 +144,12 @@ def sequence_loss(
     # the output layer on padded windows (DESIGN.md).
     rows = hidden.reshape(-1, hidden.shape[-1])[real]  # (T, D)
     weights = weights / weights.sum(dim=1, keepdim=True)  # (T, K)
-    return full_softmax_ce(rows, output, upcoming, label_smoothing, weights)
+    loss = full_softmax_ce(rows, output, upcoming, label_smoothing, weights)
+    text_weight = model.cfg.text_only_loss
+    text_only = model.text_only_vectors() if text_weight else None
+    if text_only is not None:  # the same targets against every item's text-alone form
+        text_only = text_only if columns is None else text_only[columns]  # (C, D)
+        loss = loss + text_weight * full_softmax_ce(
+            rows, text_only, upcoming, label_smoothing, weights
+        )
+    return loss

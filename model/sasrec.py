@@ -133,6 +133,11 @@ class SASRec(nn.Module):
         bias = self.score_bias()
         return scores if bias is None else scores + bias
 
+    def text_only_vectors(self) -> torch.Tensor | None:
+        """(N + 1, D): every item as an item without a trained ID (text-aware models), the
+        output layer of the optional text-only softmax; None for ID-only models."""
+        return None
+
     def score_bias(self) -> torch.Tensor | None:
         """(N + 1,) added to every score row outside training, or None (the ID-only model).
         Training never sees it: the loss ranks with item_vectors() alone."""
@@ -247,6 +252,9 @@ class TextSASRec(SASRec):
         if self.cfg.id_dropout_side == "output":
             return self._vectors(self.known)  # no ID dropout on the input side
         return self.item_vectors()
+
+    def text_only_vectors(self) -> torch.Tensor:
+        return self._vectors(torch.zeros_like(self.known))
 
     def _vectors(self, known: torch.Tensor) -> torch.Tensor:
         trained = self.item_emb.weight  # (N + 1, D)

@@ -224,3 +224,22 @@ def test_output_side_id_dropout_keeps_the_input_windows_exact():
         inputs, outputs = model.input_vectors(), model.item_vectors()
     torch.testing.assert_close(inputs, exact)  # the Transformer reads every ID
     assert not torch.allclose(outputs, exact)  # the softmax still loses some
+
+
+def test_text_only_loss_adds_a_softmax_over_every_items_text_alone():
+    from model.loss import sequence_loss
+
+    model = text_model()
+    inputs, targets = pad([1, 2, 3, 4]), pad([2, 3, 4, 5])
+    with torch.no_grad():
+        plain = sequence_loss(model, inputs, targets)
+    model.cfg = replace(model.cfg, text_only_loss=0.5)
+    model.zero_grad()
+    weighted = sequence_loss(model, inputs, targets)
+    weighted.backward()
+    assert weighted.item() > plain.item() + 0.1  # + 0.5 x a cross-entropy over 13 columns
+    assert model.unknown_scale.grad is not None and float(model.unknown_scale.grad.abs()) > 0
+    text_only = model.text_only_vectors()
+    with torch.no_grad():
+        expected = model.text_proj(model.text_emb) * model.unknown_scale + model.unknown
+    torch.testing.assert_close(text_only[1:], expected[1:])
