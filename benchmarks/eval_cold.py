@@ -33,7 +33,7 @@ SPLITS: tuple[Split, Split] = ("valid", "test")
 # The text-aware model's novelty boost (SASRecConfig.novelty_boost) is picked on validation:
 # the best cold NDCG@10 among the boosts whose warm HR@10 and NDCG@10 stay within
 # BOOST_WARM_COST (relative) of the same model without a boost.
-BOOSTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
+BOOSTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 BOOST_WARM_COST = 0.01
 TEXT_KNN_GRID = [{"session": s, "decay": d} for s in (1, 5, 20) for d in (0.7, 1.0)]
 TEXT = {"text_dim": TEXT_DIM, "text_encoder": TEXT_ENCODER, "text_format": TEXT_FORMAT}
@@ -185,8 +185,29 @@ def variants(plan: ColdPlan) -> dict[str, dict[str, Any]]:
     """SASRec variants by name: ID only, then each text-aware one (what it adds to plan.model)."""
     out: dict[str, dict[str, Any]] = {"SASRec (ID only)": {}}
     for extra in plan.text:
-        out[f"SASRec + text (ID dropout {extra['id_dropout']})"] = {**TEXT, **extra}
+        out[f"SASRec + text ({', '.join(_describe(extra))})"] = {**TEXT, **extra}
     return out
+
+
+def _describe(extra: dict[str, Any]) -> list[str]:
+    """What a text variant changes, in words: ["ID dropout 0.2", "text-only loss 0.5"]."""
+    words = []
+    if extra.get("id_dropout"):
+        side = " (softmax only)" if extra.get("id_dropout_side") == "output" else ""
+        words.append(f"ID dropout {extra['id_dropout']}{side}")
+    if extra.get("text_only_loss"):
+        words.append(f"text-only loss {extra['text_only_loss']}")
+    return words or ["no ID dropout"]
+
+
+def _tag(extra: dict[str, Any]) -> str:
+    """A run directory name for a variant: "id", "text-d0.2", "text-d0-t0.5"."""
+    if not extra:
+        return "id"
+    tag = f"text-d{extra.get('id_dropout', 0)}"
+    if extra.get("id_dropout_side") == "output":
+        tag += "o"
+    return tag + (f"-t{extra['text_only_loss']}" if extra.get("text_only_loss") else "")
 
 
 def run_variant(
@@ -201,7 +222,7 @@ def run_variant(
 ) -> dict[str, Any]:
     """Train one SASRec variant on the cold split (and the standard split when plan.overall)."""
     parts = subsets(cold_ds, held)
-    tag = "id" if not extra else f"text-{extra['id_dropout']}"
+    tag = _tag(extra)
     model = {**plan.model, **extra}
     net, row = run_sasrec(name, cold_ds, model, plan.train, work / f"cold-{tag}", threads)
     boost = 0.0

@@ -49,6 +49,10 @@ class SASRecConfig:
     # (the form an item without a trained ID has), so the text path learns to rank without
     # taking IDs away from the main softmax. 0 = off.
     text_only_loss: float = 0.0
+    # Items without a trained ID get their own text projection (not the one known items add to
+    # their ID), so a cold-start head can be fitted on a frozen warm model (TrainConfig
+    # init_from + trainable) without moving any known item.
+    cold_proj: bool = False
     # Scoring only (never training): added to the score of every item without a trained ID, so
     # a new item with only a title can reach the top k at all. A product knob, the exposure new
     # items get; make eval picks it on validation under a cap on what it costs known items.
@@ -122,6 +126,12 @@ class TrainConfig:
     # with weight future_decay^j (normalised); 1 = next item only, as in SASRec.
     future: int = 1
     future_decay: float = 0.5
+    # Start from this checkpoint's weights (same items; parameters the checkpoint lacks keep
+    # their init) instead of a fresh init; "" = fresh.
+    init_from: str = ""
+    # Comma-separated parameter name prefixes to train (e.g. "cold_proj,unknown"); every
+    # other parameter is frozen. "" = train everything.
+    trainable: str = ""
 
     def __post_init__(self) -> None:
         _positive(self, ("epochs", "batch_size", "threads", "eval_every", "patience"))

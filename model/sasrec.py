@@ -216,11 +216,12 @@ class TextSASRec(SASRec):
         n = cfg.num_items + 1
         self.text_proj = nn.Linear(cfg.text_dim, cfg.d_model)
         self.text_gate = nn.Linear(cfg.text_dim, 1) if cfg.text_combine == "gate" else None
+        self.cold_proj = nn.Linear(cfg.text_dim, cfg.d_model) if cfg.cold_proj else None
         self.unknown = nn.Parameter(torch.zeros(cfg.d_model))  # (D,)
         # The text part of an item without a trained ID is scaled by this learned factor: with
         # nothing else to tell items apart, its text may need a sharper say than beside an ID.
         self.unknown_scale = nn.Parameter(torch.ones(1))  # (1,)
-        for layer in (self.text_proj, self.text_gate):
+        for layer in (self.text_proj, self.text_gate, self.cold_proj):
             if layer is not None:
                 _init_weights(layer)
         # Buffers, so checkpoints and the ONNX graph carry them; filled by set_text/set_known.
@@ -261,8 +262,12 @@ class TextSASRec(SASRec):
         if self.text_gate is not None:
             trained = trained * torch.sigmoid(self.text_gate(self.text_emb))  # (N + 1, D)
         ids = trained * known + self.unknown * (1.0 - known)  # (N + 1, D)
-        text_scale = known + self.unknown_scale * (1.0 - known)  # (N + 1, 1)
-        vectors = self.text_proj(self.text_emb) * text_scale + ids  # (N + 1, D)
+        text = self.text_proj(self.text_emb)  # (N + 1, D)
+        if self.cold_proj is None:
+            vectors = text * (known + self.unknown_scale * (1.0 - known)) + ids  # (N + 1, D)
+        else:
+            cold = self.cold_proj(self.text_emb) * self.unknown_scale  # (N + 1, D)
+            vectors = text * known + cold * (1.0 - known) + ids  # (N + 1, D)
         return F.pad(vectors[1:], (0, 0, 1, 0))  # (N + 1, D), row 0 = padding = zeros
 
     def score_bias(self) -> torch.Tensor | None:
@@ -294,8 +299,9 @@ class TextSASRec(SASRec):
         """What serving needs to add an item at run time: v = text_emb @ W + b, b holding the
         `unknown` ID vector too, so v is exactly the row an untrained catalogue item has."""
         scale = self.unknown_scale  # (1,)
-        weight = self.text_proj.weight.T * scale  # (T, D)
-        bias = self.text_proj.bias * scale + self.unknown  # (D,)
+        proj = self.cold_proj if self.cold_proj is not None else self.text_proj
+        weight = proj.weight.T * scale  # (T, D)
+        bias = proj.bias * scale + self.unknown  # (D,)
         extras = {
             "item_text_emb": self.text_emb.detach().numpy().copy(),  # (N + 1, T)
             "text_proj_w": weight.detach().numpy().copy(),  # (T, D)

@@ -293,7 +293,37 @@ def _fresh(dataset: SequenceDataset, model_cfg: SASRecConfig, cfg: TrainConfig) 
         model.set_text(text_table(dataset))
         trained = np.concatenate([np.zeros(1, np.int64), *train_sequences(dataset)])
         model.set_known(np.bincount(trained, minlength=dataset.num_items + 1) > 0)
+    if cfg.init_from:
+        _init_from(model, Path(cfg.init_from), dataset)
     return _Run(model=model, optimizer=_optimizer(model, cfg))
+
+
+def _freeze(model: SASRec, trainable: str) -> None:
+    """Train only the parameters named by the comma-separated prefixes ("" = all)."""
+    prefixes = tuple(p.strip() for p in trainable.split(",") if p.strip())
+    if not prefixes:
+        return
+    names = [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
+    if not names:
+        raise ConfigError(f"trainable={trainable!r} names no parameter of the model")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+    logger.info("training only %s", ", ".join(names))
+
+
+def _init_from(model: SASRec, path: Path, dataset: SequenceDataset) -> None:
+    """Load a checkpoint's weights; only parameters it lacks (a new head) keep their init."""
+    ckpt = load_checkpoint(path)
+    if list(ckpt["item_ids"]) != list(dataset.item_ids):
+        raise CheckpointError(f"{path} was trained on another item catalogue than this data set")
+    state = {k: v for k, v in ckpt["state_dict"].items() if k not in ("known", "text_emb")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in ("known", "text_emb")]
+    if unexpected or any(not k.startswith("cold_proj") for k in missing):
+        raise CheckpointError(
+            f"{path} does not fit this model: missing {missing}, unexpected {unexpected}"
+        )
+    logger.info("initialised from %s (new: %s)", path, ", ".join(missing) or "none")
 
 
 def _resume(
@@ -324,9 +354,10 @@ def _resume(
 
 
 def _optimizer(model: SASRec, cfg: TrainConfig) -> torch.optim.Optimizer:
+    _freeze(model, cfg.trainable)
     # fused: one kernel over all parameters, 1 ms per step here instead of 10.
     return torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=cfg.lr,
         betas=(0.9, 0.98),
         weight_decay=cfg.weight_decay,

@@ -207,3 +207,17 @@ def test_every_window_cosine_and_smoothing_train_reproducibly_with_a_history(tmp
     assert all(row["loss"] > 0 and 0 <= row["valid_ndcg@10"] <= 1 for row in history)
     assert a["best_metric"] == max(row["valid_ndcg@10"] for row in history)
     assert 0 < a["metrics"]["train_seconds"] <= a["metrics"]["total_train_seconds"]
+
+
+def test_init_from_and_trainable_fit_one_part_of_a_trained_model(tmp_path: Path):
+    data = chain_dataset_dir(tmp_path / "data", num_items=40)
+    base = _train_tiny(data, tmp_path / "base", epochs=2)
+    path = tmp_path / "base" / "ckpt.pt"
+    head = _train_tiny(data, tmp_path / "head", epochs=2, init_from=str(path), trainable="pos_emb")
+    frozen = {k for k in base["state_dict"] if not k.startswith("pos_emb")}
+    assert all(torch.equal(base["state_dict"][k], head["state_dict"][k]) for k in frozen)
+    assert not torch.equal(
+        base["state_dict"]["pos_emb.weight"], head["state_dict"]["pos_emb.weight"]
+    )
+    with pytest.raises(ConfigError, match="names no parameter"):
+        _train_tiny(data, tmp_path / "bad", epochs=1, init_from=str(path), trainable="nope")

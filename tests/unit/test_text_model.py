@@ -243,3 +243,21 @@ def test_text_only_loss_adds_a_softmax_over_every_items_text_alone():
     with torch.no_grad():
         expected = model.text_proj(model.text_emb) * model.unknown_scale + model.unknown
     torch.testing.assert_close(text_only[1:], expected[1:])
+
+
+def test_a_cold_projection_moves_only_the_items_without_a_trained_id():
+    torch.manual_seed(0)
+    model = text_model(known=[1, 2, 3, 4, 5, 6, 7, 8])
+    cold = build_model(replace(model.cfg, cold_proj=True))
+    assert isinstance(cold, TextSASRec)
+    cold.load_state_dict(model.state_dict(), strict=False)  # the same weights, a new head
+    cold.eval()
+    with torch.no_grad():
+        before = cold.item_vectors().clone()
+        cold.cold_proj.weight.normal_()
+        after = cold.item_vectors()
+    torch.testing.assert_close(after[:9], before[:9])  # known items and padding unchanged
+    assert not torch.allclose(after[9:], before[9:])
+    extras = cold.bundle_extras()  # a runtime item gets exactly an untrained item's row
+    expected = extras["item_text_emb"][9:] @ extras["text_proj_w"] + extras["text_proj_b"]
+    np.testing.assert_allclose(after[9:].numpy(), expected, rtol=1e-5, atol=1e-5)
