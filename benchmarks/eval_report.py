@@ -282,6 +282,16 @@ def render_cold(report: dict[str, Any], json_path: Path, png: Path | None) -> st
             "text variants add the MiniLM text of each item (sum with the ID embedding, a "
             "learned `unknown` vector and text scale for items without a trained ID).",
         ]
+        for r in sasrec:
+            if "head" in r:
+                h = r["head"]["config"]
+                lines.append(
+                    f"{r['model']}: the cold head (`cold_proj`, `unknown`, `unknown_scale`; "
+                    f"everything else frozen) was fitted for {h['epochs']} epoch(s) with ID "
+                    f"dropout {h['id_dropout']} on the softmax side, best epoch "
+                    f"{r['head']['best_epoch']}, {r['head']['train_seconds']:.0f} s of the "
+                    "train seconds above."
+                )
     if report.get("merged"):
         lines += ["", f"Note: {report['merged']}."]
     return "\n".join([*lines, "", *_meta_lines(report, json_path, png)])
