@@ -40,7 +40,7 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument(
         "--text", action="store_true", help="text-aware items: MiniLM text embedding + ID"
     )
-    p.add_argument("--text-combine", choices=("sum", "gate"), default="sum")
+    p.add_argument("--text-combine", choices=("sum", "gate", "unseen"), default="sum")
     p.add_argument("--id-dropout", type=float, default=0.0, help="share of ID parts dropped")
     p.add_argument(
         "--id-dropout-side", choices=("both", "output"), default="both",

@@ -11,7 +11,7 @@ from model.errors import ConfigError
 Positions = Literal["slot", "first"]
 Windows = Literal["last", "all"]
 Schedule = Literal["constant", "cosine"]
-TextCombine = Literal["sum", "gate"]
+TextCombine = Literal["sum", "gate", "unseen"]
 IdDropoutSide = Literal["both", "output"]
 
 
@@ -36,7 +36,9 @@ class SASRecConfig:
     text_encoder: str = ""  # the frozen encoder's name, for the manifest (model/text.py)
     text_format: str = ""  # the item-text rule the embeddings were made with (model/text.py)
     # "sum": text projection + ID embedding; "gate": text projection + g * ID embedding with a
-    # per-item gate g = sigmoid(w . text) that decides how much the ID adds.
+    # per-item gate g = sigmoid(w . text) that decides how much the ID adds; "unseen": known
+    # items are their ID embedding alone (an ID-only SASRec), only items without a trained ID
+    # are their text (fitted as a cold head on a trained ID-only model: init_from + trainable).
     text_combine: TextCombine = "sum"
     # Training only: each step, this share of items lose their ID part (input and output side),
     # so the text projection learns to stand alone as it must for unseen items.
@@ -73,9 +75,9 @@ class SASRecConfig:
             raise ConfigError(f"positions must be 'slot' or 'first', got {self.positions!r}")
         if self.text_dim < 0 or self.time_buckets < 0 or self.session_gap_s < 1:
             raise ConfigError("text_dim and time_buckets must be >= 0 and session_gap_s >= 1")
-        if self.text_combine not in ("sum", "gate") or not 0.0 <= self.id_dropout < 1.0:
+        if self.text_combine not in ("sum", "gate", "unseen") or not 0.0 <= self.id_dropout < 1:
             raise ConfigError(
-                f"text_combine must be 'sum' or 'gate' and id_dropout in [0, 1), got "
+                f"text_combine must be 'sum', 'gate' or 'unseen' and id_dropout in [0, 1), got "
                 f"{self.text_combine!r}, {self.id_dropout}"
             )
         if not math.isfinite(self.novelty_boost) or (self.novelty_boost and not self.text_dim):

@@ -294,7 +294,7 @@ def _fresh(dataset: SequenceDataset, model_cfg: SASRecConfig, cfg: TrainConfig) 
         trained = np.concatenate([np.zeros(1, np.int64), *train_sequences(dataset)])
         model.set_known(np.bincount(trained, minlength=dataset.num_items + 1) > 0)
     if cfg.init_from:
-        _init_from(model, Path(cfg.init_from), dataset)
+        _init_from(model, Path(cfg.init_from), dataset, cfg.trainable)
     return _Run(model=model, optimizer=_optimizer(model, cfg))
 
 
@@ -311,7 +311,7 @@ def _freeze(model: SASRec, trainable: str) -> None:
     logger.info("training only %s", ", ".join(names))
 
 
-def _init_from(model: SASRec, path: Path, dataset: SequenceDataset) -> None:
+def _init_from(model: SASRec, path: Path, dataset: SequenceDataset, trainable: str) -> None:
     """Load a checkpoint's weights; only parameters it lacks (a new head) keep their init."""
     ckpt = load_checkpoint(path)
     if list(ckpt["item_ids"]) != list(dataset.item_ids):
@@ -319,7 +319,9 @@ def _init_from(model: SASRec, path: Path, dataset: SequenceDataset) -> None:
     state = {k: v for k, v in ckpt["state_dict"].items() if k not in ("known", "text_emb")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in ("known", "text_emb")]
-    if unexpected or any(not k.startswith("cold_proj") for k in missing):
+    # Only a new head may be missing: the parameters being trained (or cold_proj).
+    new = tuple(p.strip() for p in trainable.split(",") if p.strip()) or ("cold_proj",)
+    if unexpected or any(not k.startswith(new) for k in missing):
         raise CheckpointError(
             f"{path} does not fit this model: missing {missing}, unexpected {unexpected}"
         )

@@ -261,3 +261,21 @@ def test_a_cold_projection_moves_only_the_items_without_a_trained_id():
     extras = cold.bundle_extras()  # a runtime item gets exactly an untrained item's row
     expected = extras["item_text_emb"][9:] @ extras["text_proj_w"] + extras["text_proj_b"]
     np.testing.assert_allclose(after[9:].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unseen_combine_is_the_id_only_model_for_known_items():
+    torch.manual_seed(0)
+    base = SASRec(SASRecConfig(num_items=N, max_len=L, d_model=D, n_blocks=2, n_heads=2,
+                               dropout=0.0))  # fmt: skip
+    model = text_model(known=[1, 2, 3, 4, 5, 6, 7, 8], combine="unseen")
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and {"text_proj.weight", "unknown"} <= set(missing)
+    seq = pad([1, 5, 7])
+    with torch.no_grad():
+        vectors = model.item_vectors()
+        torch.testing.assert_close(vectors[1:9], base.item_emb.weight[1:9])  # IDs alone
+        known_scores = model.score_last(seq)[:, :9]
+        torch.testing.assert_close(known_scores, base.eval().score_last(seq)[:, :9])
+    extras = model.bundle_extras()  # unseen items: their text alone, as runtime items are
+    expected = extras["item_text_emb"][9:] @ extras["text_proj_w"] + extras["text_proj_b"]
+    np.testing.assert_allclose(vectors[9:].numpy(), expected, rtol=1e-5, atol=1e-5)
