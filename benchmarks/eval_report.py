@@ -285,9 +285,15 @@ def render_cold(report: dict[str, Any], json_path: Path, png: Path | None) -> st
         for r in sasrec:
             if "head" in r:
                 h = r["head"]["config"]
+                what = (
+                    f"the text head (`text_proj`, `unknown`, `unknown_scale`) on the frozen "
+                    f"{r['head_on']} model of the same split (its training time is that row's)"
+                    if r.get("head_on")
+                    else "the cold head (`cold_proj`, `unknown`, `unknown_scale`; everything "
+                    "else frozen)"
+                )
                 lines.append(
-                    f"{r['model']}: the cold head (`cold_proj`, `unknown`, `unknown_scale`; "
-                    f"everything else frozen) was fitted for {h['epochs']} epoch(s) with ID "
+                    f"{r['model']}: {what} was fitted for {h['epochs']} epoch(s) with ID "
                     f"dropout {h['id_dropout']} on the softmax side, best epoch "
                     f"{r['head']['best_epoch']}, {r['head']['train_seconds']:.0f} s of the "
                     "train seconds above."
