@@ -75,6 +75,14 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument(
+        "--init-from", type=Path, default=None,
+        help="start from this ckpt.pt's weights (a head it lacks keeps its init)",
+    )  # fmt: skip
+    p.add_argument(
+        "--trainable", default="",
+        help="comma-separated parameter prefixes to train, the rest frozen (text_proj,unknown)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -169,6 +177,8 @@ def train_from_args(args: argparse.Namespace) -> Path | None:
             fit_epochs=args.fit_epochs,
             eval_every=args.eval_every,
             patience=args.patience,
+            init_from=str(args.init_from or ""),
+            trainable=args.trainable,
         )
         path = train(
             dataset,
