@@ -222,6 +222,11 @@ def variants(plan: ColdPlan) -> dict[str, dict[str, Any]]:
 
 def _describe(extra: dict[str, Any]) -> list[str]:
     """What a text variant changes, in words: ["ID dropout 0.2", "text-only loss 0.5"]."""
+    head = extra.get("head", {}).get("model", {})
+    if extra.get("head_on_id"):
+        return [
+            f"ID-only model frozen + text head for unseen items (ID dropout {head['id_dropout']})"
+        ]
     words = []
     if extra.get("id_dropout"):
         side = " (softmax only)" if extra.get("id_dropout_side") == "output" else ""
@@ -229,13 +234,7 @@ def _describe(extra: dict[str, Any]) -> list[str]:
     if extra.get("text_only_loss"):
         words.append(f"text-only loss {extra['text_only_loss']}")
     words = words or ["no ID dropout"]
-    if extra.get("head_on_id"):
-        head = extra["head"]["model"]
-        return [
-            f"ID-only model frozen + text head for unseen items (ID dropout {head['id_dropout']})"
-        ]
-    if "head" in extra:
-        head = extra["head"]["model"]
+    if head:
         side = ", softmax only" if head.get("id_dropout_side") == "output" else ""
         words.append(f"+ cold head (ID dropout {head['id_dropout']}{side})")
     return words
@@ -245,13 +244,16 @@ def _tag(extra: dict[str, Any]) -> str:
     """A run directory name for a variant: "id", "text-d0.2", "text-d0-t0.5"."""
     if not extra:
         return "id"
+    if extra.get("head_on_id"):
+        return f"text-unseen-d{extra['head']['model']['id_dropout']}"
     tag = f"text-d{extra.get('id_dropout', 0)}"
     if extra.get("id_dropout_side") == "output":
         tag += "o"
     tag += f"-t{extra['text_only_loss']}" if extra.get("text_only_loss") else ""
-    if extra.get("head_on_id"):
-        return f"text-unseen-d{extra['head']['model']['id_dropout']}"
     return tag + ("-2stage" if "head" in extra else "")
+
+
+HEAD_KEYS = ("config", "best_epoch", "train_seconds", "history")
 
 
 def train_variant(
@@ -268,22 +270,21 @@ def train_variant(
     "<split>-id", trained before every text variant), reused rather than trained again."""
     first = {k: v for k, v in extra.items() if k not in ("head", "head_on_id")}
     head = extra.get("head")
-    if extra.get("head_on_id") and head is not None:
-        base = work.with_name(work.name.split("-", 1)[0] + "-id") / CKPT_NAME
-        row: dict[str, Any] = {"head_on": "SASRec (ID only)", "train_seconds": 0.0}
-        row["wall_seconds"] = 0.0
-    else:
-        net, row = run_sasrec(name, ds, {**plan.model, **first}, plan.train, work, threads)
-        if head is None:
-            return net, row
-        base = work / CKPT_NAME
-    model = {**plan.model, **first, **head["model"]}
-    train_cfg = {**plan.train, **head["train"], "init_from": str(base)}
-    net, second = run_sasrec(
-        name, ds, model, train_cfg, work.with_name(work.name + "-head"), threads
-    )
-    row = {**second, **row} if "head_on" in row else row
-    row["head"] = {k: second[k] for k in ("config", "best_epoch", "train_seconds", "history")}
+
+    def fit_head(base: Path) -> tuple[Any, dict[str, Any]]:
+        assert head is not None
+        model = {**plan.model, **first, **head["model"]}
+        train_cfg = {**plan.train, **head["train"], "init_from": str(base / CKPT_NAME)}
+        return run_sasrec(name, ds, model, train_cfg, work.with_name(work.name + "-head"), threads)
+
+    if extra.get("head_on_id"):
+        net, row = fit_head(work.with_name(work.name.split("-", 1)[0] + "-id"))
+        return net, {**row, "head_on": "SASRec (ID only)", "head": {k: row[k] for k in HEAD_KEYS}}
+    net, row = run_sasrec(name, ds, {**plan.model, **first}, plan.train, work, threads)
+    if head is None:
+        return net, row
+    net, second = fit_head(work)
+    row["head"] = {k: second[k] for k in HEAD_KEYS}
     row["train_seconds"] += second["train_seconds"]
     row["wall_seconds"] += second["wall_seconds"]
     return net, row

@@ -264,8 +264,8 @@ class TextSASRec(SASRec):
         ids = trained * known + self.unknown * (1.0 - known)  # (N + 1, D)
         text = self.text_proj(self.text_emb)  # (N + 1, D)
         if self.cfg.text_combine == "unseen":  # known items: their ID alone
-            return F.pad((ids + text * self.unknown_scale * (1.0 - known))[1:], (0, 0, 1, 0))
-        if self.cold_proj is None:
+            vectors = ids + text * self.unknown_scale * (1.0 - known)  # (N + 1, D)
+        elif self.cold_proj is None:
             vectors = text * (known + self.unknown_scale * (1.0 - known)) + ids  # (N + 1, D)
         else:
             cold = self.cold_proj(self.text_emb) * self.unknown_scale  # (N + 1, D)

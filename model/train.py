@@ -298,9 +298,14 @@ def _fresh(dataset: SequenceDataset, model_cfg: SASRecConfig, cfg: TrainConfig) 
     return _Run(model=model, optimizer=_optimizer(model, cfg))
 
 
+def _prefixes(trainable: str) -> tuple[str, ...]:
+    """TrainConfig.trainable "a, b" -> ("a", "b")."""
+    return tuple(p.strip() for p in trainable.split(",") if p.strip())
+
+
 def _freeze(model: SASRec, trainable: str) -> None:
     """Train only the parameters named by the comma-separated prefixes ("" = all)."""
-    prefixes = tuple(p.strip() for p in trainable.split(",") if p.strip())
+    prefixes = _prefixes(trainable)
     if not prefixes:
         return
     names = [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
@@ -320,7 +325,7 @@ def _init_from(model: SASRec, path: Path, dataset: SequenceDataset, trainable: s
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in ("known", "text_emb")]
     # Only a new head may be missing: the parameters being trained (or cold_proj).
-    new = tuple(p.strip() for p in trainable.split(",") if p.strip()) or ("cold_proj",)
+    new = _prefixes(trainable) or ("cold_proj",)
     if unexpected or any(not k.startswith(new) for k in missing):
         raise CheckpointError(
             f"{path} does not fit this model: missing {missing}, unexpected {unexpected}"

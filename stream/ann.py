@@ -269,9 +269,7 @@ class VectorRanker:
         if not len(view.runtime):
             return best, best_scores
         # Runtime items (index N + 1 + j): exactly, then one merge of k + M candidates per row.
-        extra = (hidden @ view.runtime.T).astype(np.float32)  # (B, M)
-        if view.runtime_boost:
-            extra += np.float32(view.runtime_boost)
+        extra = view.runtime_scores(hidden)  # (B, M)
         if mask is not None:
             extra[:, mask[n1:]] = -np.inf
         rows, cols = np.nonzero(seen >= n1)

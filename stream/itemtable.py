@@ -64,6 +64,13 @@ class TableView:
             return self.bundle_vectors
         return np.concatenate([self.bundle_vectors, self.runtime])
 
+    def runtime_scores(self, hidden: FloatArray) -> FloatArray:
+        """(B, D) -> (B, M) float32: the runtime items' scores, novelty boost included."""
+        extra = (hidden @ self.runtime.T).astype(np.float32, copy=False)  # (B, M)
+        if self.runtime_boost:
+            extra += np.float32(self.runtime_boost)
+        return extra
+
     def extend(self, scores: FloatArray, hidden: FloatArray | None) -> FloatArray:
         """Model scores (B, N + 1) -> table scores (B, width); runtime items as hidden @ V.T.
 
@@ -72,10 +79,7 @@ class TableView:
         if len(self.runtime):
             if hidden is None:
                 raise ScoringError("model.onnx has no hidden output; re-export the model")
-            extra = hidden @ self.runtime.T  # (B, D) @ (D, M) -> (B, M)
-            if self.runtime_boost:
-                extra += np.float32(self.runtime_boost)
-            scores = np.concatenate([scores, extra.astype(np.float32, copy=False)], axis=1)
+            scores = np.concatenate([scores, self.runtime_scores(hidden)], axis=1)
         if self.hidden_mask is not None:
             scores[:, self.hidden_mask] = -np.inf
         return scores
