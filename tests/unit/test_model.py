@@ -221,3 +221,24 @@ def test_init_from_and_trainable_fit_one_part_of_a_trained_model(tmp_path: Path)
     )
     with pytest.raises(ConfigError, match="names no parameter"):
         _train_tiny(data, tmp_path / "bad", epochs=1, init_from=str(path), trainable="nope")
+
+
+def test_the_fitted_horizon_counts_the_validation_every_epoch_pays(tmp_path: Path, monkeypatch):
+    import model.train as train_module
+
+    data = chain_dataset_dir(tmp_path / "data", num_items=40)
+    validate, events = train_module._validate, []
+
+    def logged_validate(*args, **kwargs):
+        events.append("validate")
+        return validate(*args, **kwargs)
+
+    def logged_fit(*args, **kwargs):
+        events.append("fit")
+        return fit_epochs(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_validate", logged_validate)
+    monkeypatch.setattr(train_module, "fit_epochs", logged_fit)
+    _train_tiny(data, tmp_path / "m", epochs=3, max_seconds=600.0, fit_epochs=True)
+    # The pace is measured after the first epoch's validation, so it includes one.
+    assert events[:2] == ["validate", "fit"] and events.count("fit") == 1
