@@ -22,7 +22,14 @@ import numpy as np
 from model.baselines import Popularity, TextKNN, TextKNNConfig
 from model.config import SASRecConfig, TrainConfig
 from model.data import SequenceDataset, Split, by_target, cold_start_split, train_sequences
-from model.evaluate import ScoreFn, evaluate_model, evaluate_scores_fn, torch_score_fn
+from model.evaluate import (
+    ScoreFn,
+    case_ranks,
+    evaluate_model,
+    evaluate_scores_fn,
+    paired_bootstrap,
+    torch_score_fn,
+)
 from model.sasrec import TextSASRec
 from model.text import TEXT_DIM, TEXT_ENCODER, TEXT_FORMAT, text_table
 from model.train import CKPT_NAME, load_checkpoint, model_from_checkpoint, train
@@ -187,10 +194,11 @@ def run_cold(ds: SequenceDataset, plan: ColdPlan, work: Path, threads: int) -> d
     pop = Popularity(train_sequences(cold_ds), ds.num_items)
     rows.append({"model": "popularity", **score_subsets(pop.score_fn, parts, 1)})
     rows.append(text_knn(texts, parts))
-    for row, (fn, max_len) in zip(rows, [(pop.score_fn, 1), _knn_fn(texts, rows[1])], strict=True):
+    knn = _knn_fn(texts, rows[1])
+    for row, (fn, max_len) in zip(rows, [(pop.score_fn, 1), knn], strict=True):
         row["cold_among_held_out"] = _among(fn, held, parts, max_len)
     for name, extra in variants(plan).items():
-        rows.append(run_variant(name, extra, ds, cold_ds, held, plan, work, threads))
+        rows.append(run_variant(name, extra, ds, cold_ds, held, plan, work, threads, knn))
     return {
         "description": cold_ds.description,
         "held_out_items": len(held),
@@ -299,8 +307,11 @@ def run_variant(
     plan: ColdPlan,
     work: Path,
     threads: int,
+    against: tuple[ScoreFn, int] | None = None,
 ) -> dict[str, Any]:
-    """Train one SASRec variant on the cold split (and the standard split when plan.overall)."""
+    """Train one SASRec variant on the cold split (and the standard split when plan.overall).
+    A text variant is compared case by case with `against` (text-kNN's score fn, window) on the
+    cold cases (`versus`)."""
     parts = subsets(cold_ds, held)
     tag = _tag(extra)
     net, row = train_variant(name, cold_ds, extra, plan, work / f"cold-{tag}", threads)
@@ -312,6 +323,8 @@ def run_variant(
         net.with_novelty_boost(boost)
     row.update({g: _model_metrics(net, p) for g, p in parts.items()})
     row["cold_among_held_out"] = _among(torch_score_fn(net), held, parts, net.cfg.max_len)
+    if against is not None and isinstance(net, TextSASRec):
+        row["vs_text_knn"] = versus((torch_score_fn(net), net.cfg.max_len), against, parts["cold"])
     if plan.overall:
         net, full = train_variant(name, ds, extra, plan, work / f"full-{tag}", threads)
         if isinstance(net, TextSASRec):  # the same boost: it moves only items without clicks
@@ -319,6 +332,18 @@ def run_variant(
         row["overall"] = {s: evaluate_model(net, ds, s) for s in SPLITS}
         row["overall_run"] = {k: full[k] for k in ("best_epoch", "train_seconds")}
     return row
+
+
+def versus(
+    a: tuple[ScoreFn, int], b: tuple[ScoreFn, int], by_split: dict[str, SequenceDataset]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{split: {metric: paired_bootstrap}}: model a minus model b (score fn, window) on the
+    same cases, HR@10 and NDCG@10. Is "above text-kNN" more than the luck of 650 cases?"""
+    out = {}
+    for split, ds in by_split.items():
+        ranks = [case_ranks(fn, ds, split, max_len) for fn, max_len in (a, b)]
+        out[split] = {m: paired_bootstrap(*ranks, metric=m) for m in ("hr@10", "ndcg@10")}
+    return out
 
 
 def pick_boost(

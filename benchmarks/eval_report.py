@@ -251,6 +251,7 @@ def render_cold(report: dict[str, Any], json_path: Path, png: Path | None) -> st
             f"`SASRecConfig.novelty_boost`): chosen on validation, {rule['rule']} (cap "
             f"{rule['cap']:.0%}). Without it (HR@10 / NDCG@10): " + "; ".join(unboosted) + ".",
         ]
+    lines += _versus_lines(rows)
     lines += [
         "",
         f'A random ranking would give cold HR@10 {res["chance_hr@10"]:.4f}. "Among held-out": '
@@ -301,6 +302,29 @@ def render_cold(report: dict[str, Any], json_path: Path, png: Path | None) -> st
     if report.get("merged"):
         lines += ["", f"Note: {report['merged']}."]
     return "\n".join([*lines, "", *_meta_lines(report, json_path, png)])
+
+
+def _versus_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The paired bootstrap of each text variant against text-kNN on the cold cases."""
+    out = []
+    for r in rows:
+        parts, resamples = [], 0.0
+        for split, by_metric in r.get("vs_text_knn", {}).items():
+            for metric, b in by_metric.items():
+                resamples = b["resamples"]
+                parts.append(
+                    f"{split} {metric.upper()} {b['diff']:+.4f} [{b['lo95']:+.4f}, "
+                    f"{b['hi95']:+.4f}], ahead in {b['p_a_ahead']:.0%}"
+                )
+        if parts:
+            out += [
+                "",
+                f"{r['model']} minus text-kNN on the same cold cases (paired bootstrap, "
+                f"{resamples:,.0f} resamplings of the cases; 95 % interval; share of resamplings "
+                "where the model is ahead): " + "; ".join(parts) + ". An interval that contains "
+                "0 does not tell the two apart.",
+            ]
+    return out
 
 
 def render_time(report: dict[str, Any], json_path: Path, png: Path | None) -> str:

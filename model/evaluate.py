@@ -12,7 +12,7 @@ pass through `evaluate_scores_fn`. Importing this module does not import torch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,12 +74,10 @@ class MetricAccumulator:
     sums: dict[str, float] = field(default_factory=dict)
 
     def add(self, ranks: np.ndarray) -> None:
-        ranks = np.asarray(ranks, dtype=np.float64)
-        parts = {"mrr": 1.0 / (ranks + 1.0)}
+        parts = {"mrr": case_metric(ranks, "mrr")}
         for k in self.ks:
-            hit = (ranks < k).astype(np.float64)
-            parts[f"hr@{k}"] = hit
-            parts[f"ndcg@{k}"] = hit / np.log2(ranks + 2.0)
+            hit = parts[f"hr@{k}"] = case_metric(ranks, f"hr@{k}")
+            parts[f"ndcg@{k}"] = case_metric(ranks, f"ndcg@{k}")
             parts[f"precision@{k}"] = hit / k
             # One relevant item: precision = hit / k, recall = hit, so F1 = 2 hit / (k + 1).
             parts[f"f1@{k}"] = 2.0 * hit / (k + 1)
@@ -107,9 +105,40 @@ def evaluate_scores_fn(
     """Metrics of score_fn on a leave-one-out split; the whole history is masked, not just the
     window the model sees. With `with_time`, score_fn is a TimeScoreFn and also gets the
     windows' click times (the data set's timestamps, in epoch seconds)."""
+    acc = MetricAccumulator()
+    for _, ranks in _ranked_batches(score_fn, dataset, split, max_len, batch_size, with_time):
+        acc.add(ranks)
+    return acc.result()
+
+
+def case_ranks(
+    score_fn: ScoreFn,
+    dataset: SequenceDataset,
+    split: Split = "valid",
+    max_len: int = 50,
+    batch_size: int = 512,
+    *,
+    with_time: bool = False,
+) -> np.ndarray:
+    """(users,) int64: each evaluated user's 0-based target rank, in `eval_examples` order, as
+    `evaluate_scores_fn` ranks it (for per-case comparisons such as `paired_bootstrap`)."""
+    out = np.full(len(eval_examples(dataset, split)[1]), -1, dtype=np.int64)
+    for idx, ranks in _ranked_batches(score_fn, dataset, split, max_len, batch_size, with_time):
+        out[idx] = ranks
+    return out
+
+
+def _ranked_batches(
+    score_fn: ScoreFn,
+    dataset: SequenceDataset,
+    split: Split,
+    max_len: int,
+    batch_size: int,
+    with_time: bool,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(case indices, their ranks) per batch of evaluation cases."""
     histories, targets = eval_examples(dataset, split)
     times = eval_times(dataset, split) if with_time else []
-    acc = MetricAccumulator()
     # Users in order of history length, so a batch's windows share most of their padding and
     # torch_score_fn can cut it off; the metrics are sums, so the order changes nothing.
     by_length = np.argsort([len(h) for h in histories], kind="stable")
@@ -125,8 +154,47 @@ def evaluate_scores_fn(
                 f"scores have {scores.shape[1]} columns, the data set needs "
                 f"{dataset.num_items + 1}: model and data set do not match"
             )
-        acc.add(pessimistic_ranks(scores, targets[idx], batch_hist))
-    return acc.result()
+        yield idx, pessimistic_ranks(scores, targets[idx], batch_hist)
+
+
+def case_metric(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """Per-case values of one metric ("hr@10", "ndcg@10", "mrr") from 0-based ranks."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if metric == "mrr":
+        return 1.0 / (ranks + 1.0)
+    name, _, k = metric.partition("@")
+    if name not in ("hr", "ndcg") or not k.isdigit():
+        raise EvaluationError(f"unknown per-case metric {metric!r} (hr@k, ndcg@k or mrr)")
+    hit = (ranks < int(k)).astype(np.float64)
+    return hit / np.log2(ranks + 2.0) if name == "ndcg" else hit
+
+
+def paired_bootstrap(
+    ranks_a: np.ndarray,
+    ranks_b: np.ndarray,
+    metric: str = "ndcg@10",
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How sure is "a beats b" on the same cases: the mean difference of a per-case metric (a
+    minus b), a 95 % percentile interval over `resamples` resamplings of the cases (both models
+    on the same resampled cases), and the share of resamplings in which a is ahead."""
+    a, b = case_metric(ranks_a, metric), case_metric(ranks_b, metric)
+    if a.shape != b.shape or not len(a):
+        raise EvaluationError(f"paired bootstrap needs equal, non-empty cases: {a.shape}, {b.shape}")
+    rng = np.random.default_rng(seed)
+    diff = a - b
+    means = np.array(
+        [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(resamples)]
+    )  # a loop, not a (resamples, cases) index matrix: memory stays O(cases)
+    return {
+        "diff": float(diff.mean()),
+        "lo95": float(np.percentile(means, 2.5)),
+        "hi95": float(np.percentile(means, 97.5)),
+        "p_a_ahead": float((means > 0).mean()),
+        "cases": float(len(diff)),
+        "resamples": float(resamples),
+    }
 
 
 def torch_score_fn(model: SASRec) -> ScoreFn:

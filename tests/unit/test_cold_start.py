@@ -171,3 +171,29 @@ def test_the_novelty_boost_is_the_best_cold_one_within_the_warm_cap():
     assert choose_boost(tried, cap=0.02) == 0.2
     assert choose_boost(tried, cap=0.5) == 0.5
     assert choose_boost([row(0.0, 0.02, 0.3, 0.2), row(0.3, 0.01, 0.3, 0.2)], cap=0.01) == 0.0
+
+
+def test_versus_compares_two_models_case_by_case_on_each_split():
+    from benchmarks.eval_cold import versus
+
+    ds = dataset()
+
+    hits = np.bincount(eval_examples(ds, "test")[1], minlength=ds.num_items + 1)
+
+    def oracle(windows: np.ndarray) -> np.ndarray:  # knows how often each item is a test target
+        return np.tile(hits.astype(np.float32), (len(windows), 1))
+
+    def flat(windows: np.ndarray) -> np.ndarray:  # every item tied: pessimistically last
+        return np.zeros((len(windows), ds.num_items + 1), np.float32)
+
+    out = versus((oracle, 4), (flat, 4), {"valid": ds, "test": ds})
+    assert set(out) == {"valid", "test"} and set(out["test"]) == {"hr@10", "ndcg@10"}
+    for split, by_metric in out.items():
+        a, b = (evaluate_scores_fn(fn, ds, split, 4) for fn in (oracle, flat))
+        for metric, boot in by_metric.items():
+            assert boot["diff"] == pytest.approx(a[metric] - b[metric])
+            assert boot["lo95"] <= boot["diff"] <= boot["hi95"]
+        assert by_metric["hr@10"]["cases"] == len(eval_examples(ds, split)[1])
+    assert out["test"]["hr@10"]["lo95"] > 0  # the oracle surely beats ties ranked last
+    same = versus((flat, 4), (flat, 4), {"test": ds})["test"]["hr@10"]
+    assert same["diff"] == 0.0 and same["lo95"] == 0.0

@@ -10,7 +10,10 @@ from model.data import load_dataset
 from model.errors import EvaluationError
 from model.evaluate import (
     MetricAccumulator,
+    case_metric,
+    case_ranks,
     evaluate_scores_fn,
+    paired_bootstrap,
     pessimistic_ranks,
     popularity_score_fn,
 )
@@ -117,3 +120,52 @@ def test_popularity_counts_training_clicks_only(tmp_path: Path):
     scores = popularity_score_fn(ds)(np.zeros((2, 4), dtype=np.int64))
     assert scores.shape == (2, 4)
     assert scores[0].tolist() == [0.0, 2.0, 1.0, 0.0]  # train: [1, 1] and [2]
+
+
+def test_case_ranks_are_the_ranks_the_metrics_come_from(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(1, 21, size=rng.integers(3, 12)) for _ in range(30)]
+    path = tmp_path / "ml.txt"
+    path.write_text("".join(f"{u} {i}\n" for u, s in enumerate(seqs, 1) for i in s), "ascii")
+    ds = load_dataset(f"ml-1m:{path}")
+    table = rng.normal(size=(21, 21)).astype(np.float32)
+
+    def score_fn(windows: np.ndarray) -> np.ndarray:
+        return table[windows[:, -1]]  # a last-item model
+
+    got = case_ranks(score_fn, ds, "test", max_len=5, batch_size=7)  # batches cut the order
+    assert got.shape == (len(ds.sequences),) and (got >= 0).all()
+    acc = MetricAccumulator()
+    acc.add(got)
+    assert acc.result() == pytest.approx(evaluate_scores_fn(score_fn, ds, "test", 5, 7))
+    # eval_examples order: user u's rank is that of their own test target
+    u = 4
+    hist, target = seqs[u][:-1], seqs[u][-1]
+    assert got[u] == ranks(table[hist[-1]].tolist(), int(target), hist.tolist())
+
+
+def test_case_metric_matches_hand_values():
+    r = np.array([0, 1, 9, 10])
+    np.testing.assert_allclose(case_metric(r, "hr@10"), [1, 1, 1, 0])
+    np.testing.assert_allclose(case_metric(r, "ndcg@10"), [1, 1 / math.log2(3), 1 / math.log2(11), 0])
+    np.testing.assert_allclose(case_metric(r, "mrr"), [1, 0.5, 0.1, 1 / 11])
+    with pytest.raises(EvaluationError, match="per-case metric"):
+        case_metric(r, "recall")
+
+
+def test_paired_bootstrap_tells_a_sure_win_from_a_tie():
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 40, size=600)
+    same = paired_bootstrap(b, b, "ndcg@10", resamples=500)
+    assert same["diff"] == same["lo95"] == same["hi95"] == 0.0 and same["p_a_ahead"] == 0.0
+    better = np.maximum(b - 15, 0)  # every case ranked 15 places higher
+    win = paired_bootstrap(better, b, "hr@10", resamples=500)
+    assert win["diff"] > 0 and win["lo95"] > 0 and win["p_a_ahead"] == 1.0
+    noise = rng.permutation(b)  # the same ranks on other cases: no real difference
+    tie = paired_bootstrap(noise, b, "hr@10", resamples=500)
+    assert tie["lo95"] < 0 < tie["hi95"]
+    assert paired_bootstrap(better, b, resamples=200, seed=3) == paired_bootstrap(
+        better, b, resamples=200, seed=3
+    )
+    with pytest.raises(EvaluationError, match="equal"):
+        paired_bootstrap(b, b[:-1])
