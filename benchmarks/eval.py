@@ -82,7 +82,7 @@ BUDGETED = {  # batch 128, warmup + cosine, every window, no early stop, horizon
     "patience": 1000,
     "fit_epochs": True,
 }
-# Dropout 0.1, not 0.2: at 900 s side by side it led on validation NDCG@10 by 0.0075 (BENCHMARKS.md).
+# Dropout 0.1, not 0.2: at 900 s side by side it led validation NDCG@10 by 0.0075 (BENCHMARKS.md).
 ML1M_MODEL = {"max_len": 200, "d_model": 64, "n_blocks": 2, "n_heads": 1, "dropout": 0.1}
 ML1M_TRAIN = {**BUDGETED, "epochs": 60, "lr": 6e-3, "max_seconds": 1780.0}
 VIDEO_MODEL = {"max_len": 50, "d_model": 64, "n_blocks": 2, "n_heads": 1, "dropout": 0.5}

@@ -181,7 +181,7 @@ def paired_bootstrap(
     on the same resampled cases), and the share of resamplings in which a is ahead."""
     a, b = case_metric(ranks_a, metric), case_metric(ranks_b, metric)
     if a.shape != b.shape or not len(a):
-        raise EvaluationError(f"paired bootstrap needs equal, non-empty cases: {a.shape}, {b.shape}")
+        raise EvaluationError(f"paired bootstrap needs equal, non-empty cases: {a.shape} {b.shape}")
     rng = np.random.default_rng(seed)
     diff = a - b
     means = np.array(

@@ -158,13 +158,13 @@ def _loop(
         epoch, run.epoch = run.epoch, run.epoch + 1
         bar.set_description(f"epoch {run.epoch}")
         steps, stop = _epoch(run, cfg, windows.epoch(epoch), epoch, bar, deadline, limit)
-        fit = cfg.fit_epochs and deadline is not None and run.epoch == fit_point(cfg)
+        fit = cfg.fit_epochs and run.epoch == fit_point(cfg)
         due = run.epoch % cfg.eval_every == 0 or run.epoch == cfg.epochs or stop
         if due and (steps or not saved):
             saved |= _validate(run, dataset, cfg, path, time.monotonic() - started)
             bar.set_postfix(loss=f"{run.loss:.3f}", ndcg10=_latest(run))
             stop |= run.bad_evals >= cfg.patience
-        if fit:
+        if fit and deadline is not None:
             # After the fit point's validation: every epoch pays for one, so the pace must too
             # (measured without it, a 1,780 s budget got 60 epochs of ~34 s each).
             cfg = fit_epochs(cfg, run.epoch, time.monotonic() - started, deadline)

@@ -147,7 +147,8 @@ def test_case_ranks_are_the_ranks_the_metrics_come_from(tmp_path: Path):
 def test_case_metric_matches_hand_values():
     r = np.array([0, 1, 9, 10])
     np.testing.assert_allclose(case_metric(r, "hr@10"), [1, 1, 1, 0])
-    np.testing.assert_allclose(case_metric(r, "ndcg@10"), [1, 1 / math.log2(3), 1 / math.log2(11), 0])
+    ndcg = [1, 1 / math.log2(3), 1 / math.log2(11), 0]
+    np.testing.assert_allclose(case_metric(r, "ndcg@10"), ndcg)
     np.testing.assert_allclose(case_metric(r, "mrr"), [1, 0.5, 0.1, 1 / 11])
     with pytest.raises(EvaluationError, match="per-case metric"):
         case_metric(r, "recall")
