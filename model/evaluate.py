@@ -12,7 +12,7 @@ pass through `evaluate_scores_fn`. Importing this module does not import torch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,8 +106,7 @@ def evaluate_scores_fn(
     window the model sees. With `with_time`, score_fn is a TimeScoreFn and also gets the
     windows' click times (the data set's timestamps, in epoch seconds)."""
     acc = MetricAccumulator()
-    for _, ranks in _ranked_batches(score_fn, dataset, split, max_len, batch_size, with_time):
-        acc.add(ranks)
+    acc.add(case_ranks(score_fn, dataset, split, max_len, batch_size, with_time=with_time))
     return acc.result()
 
 
@@ -120,27 +119,13 @@ def case_ranks(
     *,
     with_time: bool = False,
 ) -> np.ndarray:
-    """(users,) int64: each evaluated user's 0-based target rank, in `eval_examples` order, as
-    `evaluate_scores_fn` ranks it (for per-case comparisons such as `paired_bootstrap`)."""
-    out = np.full(len(eval_examples(dataset, split)[1]), -1, dtype=np.int64)
-    for idx, ranks in _ranked_batches(score_fn, dataset, split, max_len, batch_size, with_time):
-        out[idx] = ranks
-    return out
-
-
-def _ranked_batches(
-    score_fn: ScoreFn,
-    dataset: SequenceDataset,
-    split: Split,
-    max_len: int,
-    batch_size: int,
-    with_time: bool,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(case indices, their ranks) per batch of evaluation cases."""
+    """(users,) int64: each evaluated user's 0-based target rank, in `eval_examples` order (what
+    `evaluate_scores_fn` averages; per-case comparisons such as `paired_bootstrap` use it)."""
     histories, targets = eval_examples(dataset, split)
     times = eval_times(dataset, split) if with_time else []
+    out = np.full(len(targets), -1, dtype=np.int64)
     # Users in order of history length, so a batch's windows share most of their padding and
-    # torch_score_fn can cut it off; the metrics are sums, so the order changes nothing.
+    # torch_score_fn can cut it off; each rank goes back to its user's place.
     by_length = np.argsort([len(h) for h in histories], kind="stable")
     for idx in (by_length[b] for b in batch_indices(len(targets), batch_size)):
         batch_hist = [histories[i] for i in idx]
@@ -154,7 +139,8 @@ def _ranked_batches(
                 f"scores have {scores.shape[1]} columns, the data set needs "
                 f"{dataset.num_items + 1}: model and data set do not match"
             )
-        yield idx, pessimistic_ranks(scores, targets[idx], batch_hist)
+        out[idx] = pessimistic_ranks(scores, targets[idx], batch_hist)
+    return out
 
 
 def case_metric(ranks: np.ndarray, metric: str) -> np.ndarray:
