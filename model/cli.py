@@ -35,6 +35,7 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--ffn-mult", type=int, default=1, help="FFN width as a multiple of d_model")
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--positions", choices=("first", "slot"), default="first")
     p.add_argument(
@@ -150,6 +151,7 @@ def train_from_args(args: argparse.Namespace) -> Path | None:
             d_model=args.d_model,
             n_blocks=args.blocks,
             n_heads=args.heads,
+            ffn_mult=args.ffn_mult,
             dropout=args.dropout,
             positions=args.positions,
             text_combine=args.text_combine,
