@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -109,7 +109,11 @@ def dead_letter_headers_at(
 
 def control_of(msg: Message) -> bytes | None:
     """The control header's value, if the record is a control request (rare: usually None)."""
-    headers = msg.headers()
+    return control_in(msg.headers())
+
+
+def control_in(headers: Iterable[object] | None) -> bytes | None:
+    """control_of for a record's headers as confluent-kafka returns them (None: no headers)."""
     if not headers:
         return None
     for header in headers:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, get_args
+from typing import Final, Literal, NamedTuple, get_args
 
 import orjson
 
@@ -46,8 +46,11 @@ EVENT_TYPES: Final = frozenset({"click", "view", "add_to_cart", "purchase"})
 _ID_FIELDS: Final = ("user_id", "item_id")
 
 
-@dataclass(frozen=True, slots=True)
-class ClickEvent:
+class ClickEvent(NamedTuple):
+    """A valid click. Immutable; a NamedTuple rather than a frozen dataclass because the
+    processor makes one per record and a frozen dataclass's __init__ costs three times as
+    much (0.76 against 0.26 µs here, BENCHMARKS.md)."""
+
     user_id: str
     item_id: str
     ts: int
@@ -80,24 +83,27 @@ def decode_click(
 ) -> ClickEvent | Invalid:
     """Parse and validate one click record. Never raises on bad input.
 
-    A valid click passes one straight line of checks (`_valid_click`); a record that fails any
+    A valid click passes one straight line of checks (`valid_click`); a record that fails any
     of them takes `decode_click_checked`, which finds the rule it breaks. Same verdicts (a
     property test holds them equal), half the time per valid click: bad records are rare.
     """
-    event = _valid_click(key, value, known_items, now_ms, limits)
+    event = valid_click(key, value, known_items, now_ms, limits)
     if event is not None:
         return event
     return decode_click_checked(key, value, known_items=known_items, now_ms=now_ms, limits=limits)
 
 
-def _valid_click(
+def valid_click(
     key: bytes | None,
     value: bytes | None,
     known_items: Container[str],
     now_ms: int,
     limits: CodecLimits,
 ) -> ClickEvent | None:
-    """The event if the record is a valid click in its usual form (int ts), else None."""
+    """The event if the record is a valid click in its usual form (int ts), else None.
+
+    The hot path's half of decode_click, positional for speed: None is no verdict, the record
+    then goes to decode_click_checked for its event or the rule it breaks."""
     if not value or len(value) > limits.max_event_bytes:
         return None
     try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -27,7 +27,7 @@ from stream.batch import (
     Batch,
     Forget,
     Touched,
-    control_of,
+    control_in,
     dead_letter_headers,
     decode_control,
     in_offset_order,
@@ -35,7 +35,7 @@ from stream.batch import (
     source_of,
 )
 from stream.catalogue import CatalogueFollower, follow_items
-from stream.codec import ClickEvent, Invalid, decode_click
+from stream.codec import ClickEvent, Invalid, decode_click, valid_click
 from stream.config import ProcessorSettings
 from stream.errors import DeliveryError
 from stream.explain import SimilarityExplainer
@@ -271,6 +271,9 @@ class Processor:
         self.metrics.batch_size.observe(len(msgs))
 
     def _decode(self, msgs: Sequence[Message], batch: Batch) -> list[Decoded]:
+        """Each record's event, or its dead letter. The loop runs once per record (a fifth of a
+        batch's time at full speed), so it reads each accessor once and gives a valid click
+        without headers the straight path; everything else goes through _decode_rare."""
         now = now_ms()
         limits = self.settings.limits
         events: list[Decoded] = []
@@ -281,21 +284,28 @@ class Processor:
                 logger.warning("consume error: %s", msg.error())
                 self.metrics.errors.labels("consume").inc()
                 continue
-            source = source_of(msg)
-            next_offsets[source[:2]] = source[2] + 1
-            control = control_of(msg)
-            result: ClickEvent | Forget | Invalid
-            if control is not None:
-                result = decode_control(control, msg.key(), msg.value())
-            else:
-                result = decode_click(
-                    msg.key(), msg.value(), known_items=known, now_ms=now, limits=limits
-                )
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            assert topic is not None and partition is not None and offset is not None
+            next_offsets[topic, partition] = offset + 1
+            key, value, headers = msg.key(), msg.value(), msg.headers()
+            event = None if headers else valid_click(key, value, known, now, limits)
+            result = event if event is not None else self._decode_rare(key, value, headers, now)
             if isinstance(result, Invalid):
                 batch.dead.append((msg, result))
             else:
-                events.append((msg, result, source))
+                events.append((msg, result, (topic, partition, offset)))
         return events
+
+    def _decode_rare(
+        self, key: bytes | None, value: bytes | None, headers: Iterable[object] | None, now: int
+    ) -> ClickEvent | Forget | Invalid:
+        """A control request, a click with headers or a record the straight path refused."""
+        control = control_in(headers)
+        if control is not None:
+            return decode_control(control, key, value)
+        return decode_click(
+            key, value, known_items=self.item_index, now_ms=now, limits=self.settings.limits
+        )
 
     def _apply(self, events: list[Decoded], batch: Batch) -> None:
         applied = 0
