@@ -115,10 +115,14 @@ def test_slot_positions_export_with_parity(tmp_path: Path):
 def test_cli_trains_and_prints_a_summary(tmp_path: Path, capsys):
     data = chain_dataset_dir(tmp_path / "data")
     argv = ["train", "--data", f"synthetic:{data}", "--out", str(tmp_path / "run"), "--epochs", "2"]
-    argv += ["--max-len", "6", "--d-model", "16", "--heads", "2", "--no-progress"]
+    argv += ["--max-len", "6", "--d-model", "16", "--heads", "2", "--ffn-mult", "3"]
+    argv += ["--no-progress"]
     assert _run_cli(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert Path(summary["checkpoint"]).is_file()
+    ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)
+    assert (ckpt["model_config"]["n_heads"], ckpt["model_config"]["ffn_mult"]) == (2, 3)
+    assert ckpt["state_dict"]["blocks.0.ffn.0.weight"].shape == (48, 16)  # 3 x d_model wide
     assert summary["best_epoch"] in (1, 2)
     assert summary["test"]["users"] == 30
     assert _run_cli(["train", "--data", "synthetic:/nope", "--out", str(tmp_path / "x")]) == 1
