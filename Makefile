@@ -41,7 +41,7 @@ format: env
 # BENCHMARKS.md (command, machine, date, commit per table). Run on an idle box: ~25 min.
 R := benchmarks/results
 bench: env
-	$(BIN)/python -m benchmarks.pipeline --out $(R)/pipeline.json
+	$(BIN)/python -m benchmarks.pipeline --repeat 3 --out $(R)/pipeline.json
 	$(BIN)/python -m benchmarks.model_ceiling --out $(R)/model_ceiling.json
 	$(BIN)/python -m benchmarks.latency --max-rate measure --out $(R)/latency.json
 	$(BIN)/python -m benchmarks.scaling --out $(R)/scaling.json
@@ -58,7 +58,7 @@ bench-quick: env
 	$(BIN)/streamrec generate --out $(Q)/data
 	$(BIN)/streamrec train --data synthetic:$(Q)/data --out $(Q)/train --max-seconds 5
 	$(BIN)/streamrec export --checkpoint $(Q)/train/ckpt.pt --out $(Q)/bundle
-	$(BIN)/python -m benchmarks.pipeline --bundle $(Q)/bundle --events 4000 --users 2000 \
+	$(BIN)/python -m benchmarks.pipeline --bundle $(Q)/bundle --events 4000 --users 2000 --repeat 2 \
 	  --out $(Q)/pipeline.json
 	$(BIN)/python -m benchmarks.model_ceiling --bundle $(Q)/bundle --short --out $(Q)/model_ceiling.json
 	$(BIN)/python -m benchmarks.latency --bundle $(Q)/bundle --max-rate 800 --fractions 0.5 \

@@ -141,6 +141,10 @@ class ProcessorSettings(BaseSettings):
     # model at 145 MB instead of 529 MB per 2,000-row call and ran 1.3-1.8x faster
     # (BENCHMARKS.md, RSS at 1M users); None = the whole batch in one call.
     onnx_max_rows: int | None = Field(default=256, ge=1)
+    # A batch's model calls run on a second thread, one chunk ahead of the loop thread that
+    # ranks and encodes the chunk before (onnxruntime releases the GIL, so the two cores
+    # share the work; stream.recommend.recommend_chunks). False: all on the loop thread.
+    score_overlap: bool = True
     # Session length kept per user; None = the bundle's max_len.
     session_max_len: int | None = None
     # full: re-encode every touched user's window with model.onnx. incremental: one step.onnx

@@ -4,8 +4,9 @@ One poll batch is the unit of work. Every touched user is scored once per batch 
 output record, whose partition/offset are those of the user's last click applied.
 
 at-least-once (default): the batch's sessions and the last input offset applied per partition
-go to RocksDB in one WriteBatch; then outputs, changelog records and dead letters are produced
-and acknowledged; then offsets are committed. A redelivered event (offset ≤ the store's
+go to RocksDB in one WriteBatch, and the changelog records to the producer, while the model
+scores the first chunk of users on the model thread; each chunk's outputs are produced as it
+is ranked, then the dead letters; once every record is acknowledged, offsets are committed. A redelivered event (offset ≤ the store's
 marker) is recognised and not appended twice.
 exactly-once: outputs, changelog and offsets go in one Kafka transaction; RocksDB is written
 after it commits (a crash in between restores the partition from the changelog).
@@ -17,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -46,7 +48,7 @@ from stream.kafka.clients import DeliveryTracker, commit_offsets, make_consumer,
 from stream.kafka.lag import LagTracker
 from stream.metrics import ProcessorMetrics
 from stream.ops import Health, OpsServer
-from stream.recommend import recommend, recommendation_record
+from stream.recommend import recommend_chunks, recommendation_record
 from stream.reload import BundleSource
 from stream.scoring import Explainer, Scorer
 from stream.state import RocksSessionStore, Session, SessionStore
@@ -101,6 +103,12 @@ class Processor:
         self.lag = LagTracker(self.consumer, self.metrics)
         self.assignment = Assignment(
             settings.kafka, self.changelog.topic, self.store, self.lag, self.metrics, self.health
+        )
+        # The model's thread: a batch's next chunk is scored there while this one's is ranked.
+        self._model_thread = (
+            ThreadPoolExecutor(1, thread_name_prefix="streamrec-model")
+            if settings.score_overlap
+            else None
         )
         self._stop = threading.Event()
         self._last_log = self._last_reload_check = time.monotonic()
@@ -210,6 +218,8 @@ class Processor:
         self.consumer.close()
         if self.items_follower is not None:
             self.items_follower.close()
+        if self._model_thread is not None:
+            self._model_thread.shutdown()
         release_kv(self.scorer, None)
         self.store.close()
         self.health.state_open = False
@@ -258,10 +268,13 @@ class Processor:
             events = self._decode(in_offset_order(msgs), batch)
         with self._timed("state"):
             self._apply(events, batch)
-            if not self.exactly_once:
-                self._write_state(batch)
+        if self.exactly_once:
+            self.delivery.producer.begin_transaction()
+        # The score stage also writes the batch's sessions (RocksDB, at-least-once) and their
+        # changelog records, and hands each output to the producer as its chunk is ranked:
+        # that work overlaps the model's (Processor._score).
         with self._timed("score"):
-            self._score(batch)
+            self._score(batch, send=True)
         with self._timed("produce"):
             self._produce(batch)
         with self._timed("commit"):
@@ -337,47 +350,65 @@ class Processor:
         self.store.write(batch.encoded_sessions(), applied)
         self.assignment.note_applied(applied)
 
-    def _score(self, batch: Batch) -> None:
-        """Every touched user once (stream.recommend); a forgotten user gets a tombstone."""
+    def _score(self, batch: Batch, *, send: bool = False) -> None:
+        """Every touched user once (stream.recommend); a forgotten user gets a tombstone.
+
+        With `send` (process_batch): while the model scores the first chunk of users (on the
+        model thread), this thread writes the sessions and their changelog records
+        (`_persist`), and each output goes to the producer as soon as its chunk is ranked.
+        Nothing is committed before `_produce` has every record acknowledged, so the order of
+        these writes is free. Without (benchmarks.scaling), outputs are only collected.
+        """
         users, sessions = [], []
         for user, touched in batch.touched.items():
             if touched.session is None:
-                batch.outputs.append((user, None))  # a tombstone: the user was forgotten
+                self._output(batch, user, None, send)  # a tombstone: the user was forgotten
                 if (cache := kv_cache_of(self.scorer)) is not None:
                     cache.drop([user])  # derived from the forgotten history: it goes too
             else:
                 users.append(user)
                 sessions.append(touched.session)
+        meanwhile = (lambda: self._persist(batch)) if send else None
         if not users:
+            if meanwhile is not None:
+                meanwhile()
             return
-        done = recommend(
-            self.scorer, users, sessions, self.items.view,
-            stride=self.stride, k=self.settings.top_k, explain=self.explain,
+        chunks = recommend_chunks(
+            self.scorer, users, sessions, self.items.view, stride=self.stride,
+            k=self.settings.top_k, explain=self.explain, executor=self._model_thread,
+            meanwhile=meanwhile,
         )  # fmt: skip
-        self.metrics.scored.inc(len(users) - len(done.failed))
-        for row, user in enumerate(users):
-            touched = batch.touched[user]
-            items = done.lists[row]
-            if items is None:
-                # The session keeps the (valid) event; only this user's output is skipped.
-                batch.failed.add(user)
-                self.metrics.errors.labels("scoring").inc()
-                reason = str(done.failed[row])[:200]
-                batch.dead.append((touched.msg, Invalid("scoring_failed", reason)))
-                continue
-            _, partition, offset = source_of(touched.msg)
-            value, event_ts = recommendation_record(
-                user, items, self.scorer.model_version, (partition, offset), touched.event
-            )
-            batch.outputs.append((user, value))
-            batch.event_ts.append(event_ts)
+        version = self.scorer.model_version
+        for rows, done in chunks:
+            self.metrics.scored.inc(len(rows) - len(done.failed))
+            for j, row in enumerate(rows):
+                user = users[row]
+                touched = batch.touched[user]
+                items = done.lists[j]
+                if items is None:
+                    # The session keeps the (valid) event; only this user's output is skipped.
+                    batch.failed.add(user)
+                    self.metrics.errors.labels("scoring").inc()
+                    reason = str(done.failed[j])[:200]
+                    batch.dead.append((touched.msg, Invalid("scoring_failed", reason)))
+                    continue
+                _, partition, offset = source_of(touched.msg)
+                value, event_ts = recommendation_record(
+                    user, items, version, (partition, offset), touched.event
+                )
+                self._output(batch, user, value, send)
+                batch.event_ts.append(event_ts)
 
-    def _produce(self, batch: Batch) -> None:
-        topics = self.settings.topics
-        if self.exactly_once:
-            self.delivery.producer.begin_transaction()
-        for user, value in batch.outputs:
-            self.delivery.produce(topics.recs, user.encode("utf-8"), value)
+    def _output(self, batch: Batch, user: str, value: bytes | None, send: bool) -> None:
+        batch.outputs.append((user, value))
+        if send:
+            self.delivery.produce(self.settings.topics.recs, user.encode("utf-8"), value)
+
+    def _persist(self, batch: Batch) -> None:
+        """The batch's sessions to RocksDB (at-least-once: exactly-once writes them after its
+        transaction commits) and to the changelog."""
+        if not self.exactly_once:
+            self._write_state(batch)
         encoded = batch.encoded_sessions()
         for user, touched in batch.touched.items():
             _, partition, offset = source_of(touched.msg)
@@ -385,9 +416,12 @@ class Processor:
             # may already hold events beyond this batch's records.
             covered = max(offset, touched.session.offset) if touched.session else offset
             self.changelog.write(user, encoded[user], partition, covered)
+
+    def _produce(self, batch: Batch) -> None:
+        """The dead letters, then every record of the batch acknowledged (at-least-once)."""
         for msg, invalid in batch.dead:
             headers = dead_letter_headers(msg, invalid)
-            self.delivery.produce(topics.dlq, msg.key(), msg.value(), headers)
+            self.delivery.produce(self.settings.topics.dlq, msg.key(), msg.value(), headers)
         if not self.exactly_once:
             try:
                 self.delivery.flush(timeout_s=300, beat=self.health.beat)

@@ -10,15 +10,28 @@ engines publish the same lists for the same sessions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
+from export.bundle import window_len
 from stream.batch import now_ms
 from stream.codec import ClickEvent, RecommendedItem, WireItem, encode_recommendation
 from stream.errors import ScoringError
 from stream.incremental import rank_batch, score_batch
 from stream.itemtable import TableView
-from stream.scoring import Explainer, Scorer, ranked_items, session_inputs
+from stream.scoring import (
+    Explainer,
+    ModelInputs,
+    Scored,
+    Scorer,
+    ranked_items,
+    session_inputs,
+    width_chunks,
+)
 from stream.state import Session
 
 
@@ -47,6 +60,98 @@ def recommend(
     """
     inputs = session_inputs(sessions, view, scorer.max_len, stride)
     scored = score_batch(scorer, users, sessions, inputs, view)
+    return _ranked(scorer, scored, inputs, view, k, explain)
+
+
+def recommend_chunks(
+    scorer: Scorer,
+    users: list[str],
+    sessions: list[Session],
+    view: TableView,
+    *,
+    stride: int,
+    k: int,
+    explain: Explainer | None = None,
+    executor: Executor | None = None,
+    chunk_rows: int = 64,
+    meanwhile: Callable[[], None] | None = None,
+) -> Iterator[tuple[list[int], Recommended]]:
+    """`recommend` in chunks of rows, the model one chunk ahead on `executor`'s thread.
+
+    Yields (rows, lists of those rows): `rows` are indices into `users`, each exactly once,
+    chunk by chunk in order of window length. While the caller ranks, explains and encodes
+    chunk i on its own thread, chunk i + 1 (its inputs and its model calls) is scored on the
+    executor's; onnxruntime releases the GIL, so the second core does the model's work. One
+    chunk at a time is scored, in order, so a scorer's state (the K/V cache) sees the calls one
+    `recommend` would make; the next chunk is submitted only after the previous one is in.
+    `meanwhile` runs on the caller's thread while the first chunk is in the model (work of the
+    batch that does not need its scores). Without an executor, or with fewer than two chunks'
+    rows, the whole batch is one chunk, scored in line after `meanwhile`.
+    """
+    n, max_len = len(users), scorer.max_len
+    order, chunks = list(range(n)), [(0, n)]
+    if executor is not None:
+        widths = np.fromiter(
+            (min(window_len(max(s.count, len(s.items)), max_len, stride), len(s.items))
+             for s in sessions),
+            np.int64, n,
+        )  # fmt: skip
+        sort = np.argsort(widths, kind="stable")
+        chunks = overlap_chunks(widths[sort], chunk_rows, getattr(scorer, "max_rows", None))
+        order = sort.tolist()
+
+    def score(lo: int, hi: int) -> tuple[ModelInputs, Scored]:
+        part = [sessions[r] for r in order[lo:hi]]
+        inputs = session_inputs(part, view, max_len, stride)
+        return inputs, score_batch(scorer, [users[r] for r in order[lo:hi]], part, inputs, view)
+
+    if executor is None or len(chunks) < 2:
+        if meanwhile is not None:
+            meanwhile()
+        inputs, scored = score(0, n)
+        yield order, _ranked(scorer, scored, inputs, view, k, explain)
+        return
+    pending: Future[tuple[ModelInputs, Scored]] = executor.submit(score, *chunks[0])
+    try:
+        if meanwhile is not None:
+            meanwhile()
+        for i, (lo, hi) in enumerate(chunks):
+            inputs, scored = pending.result()
+            if i + 1 < len(chunks):
+                pending = executor.submit(score, *chunks[i + 1])
+            yield order[lo:hi], _ranked(scorer, scored, inputs, view, k, explain)
+    finally:
+        # A caller that stops early (or fails) must not leave a chunk in the scorer while the
+        # next batch or a model swap starts; that chunk's own error is not this exit's.
+        wait([pending])
+
+
+def overlap_chunks(
+    widths: npt.NDArray[np.int64], chunk_rows: int, max_rows: int | None
+) -> list[tuple[int, int]]:
+    """Row ranges over rows sorted by window width: whole model calls (`width_chunks`)
+    gathered until a range holds at least `chunk_rows` rows, or an eighth of the rows if that
+    is more (a handful of chunks: each hand-over between the threads costs a little)."""
+    n = len(widths)
+    target = max(chunk_rows, -(-n // 8))
+    out: list[tuple[int, int]] = []
+    for lo, hi in width_chunks(widths, max_rows):
+        if out and out[-1][1] - out[-1][0] < target:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _ranked(
+    scorer: Scorer,
+    scored: Scored,
+    inputs: ModelInputs,
+    view: TableView,
+    k: int,
+    explain: Explainer | None,
+) -> Recommended:
+    """Top-k of one scored batch (or chunk), the explanation hook, the wire items per row."""
     best, best_scores = rank_batch(scorer, scored, inputs.seen, view, k)  # (B, k) each
     because = None if explain is None else explain(best, inputs.item_seq, view.vectors)
     # Python lists once per batch: per-element numpy scalars cost ~4 µs per output.
@@ -57,7 +162,7 @@ def recommend(
         None
         if row in scored.failed
         else ranked_items(ranked[row], scores[row], ids, None if reasons is None else reasons[row])
-        for row in range(len(users))
+        for row in range(len(ranked))
     ]
     return Recommended(lists, scored.failed)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import catalogue, latency, report, scaling
+from benchmarks import catalogue, latency, pipeline, report, scaling
 
 
 def _run(module: object, monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
@@ -68,3 +68,35 @@ def test_catalogue_module_drains_the_whole_processor_on_a_headless_bundle(
     assert level["end_to_end"]["events"] == 80
     assert level["end_to_end"]["events_per_s"] > 0
     assert "not run" not in "\n".join(report.catalogue(json.loads(out.read_text())))
+
+
+@pytest.mark.slow
+def test_pipeline_module_repeats_each_run_and_reports_its_median_and_ceiling_share(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "pipeline.json"
+    argv = ["--bundle", str(bundle_dir), "--events", "600", "--users", "200",
+            "--workload", "steady", "--inference", "full", "--repeat", "2", "--no-faust",
+            "--out", str(out)]  # fmt: skip
+    _run(pipeline, monkeypatch, argv)
+    result = _keys(out, "pipeline.json")
+    run = result["runs"]["full_steady"]
+    assert run["events"] >= 600
+    rates = run["repeats_events_per_s"]
+    assert len(rates) == 2 and run["events_per_s"] == min(rates)  # the lower middle of two
+    assert len(run["repeats_ceiling_share"]) == 2
+    assert run["ceiling_batch_64_before"] > 0 and run["ceiling_batch_64_after"] > 0
+    table = "\n".join(report.pipeline(result))
+    assert "median of 2" in table and f"{run['ceiling_share']:.0%}" in table
+
+
+def test_faust_ratios_pair_each_repeat_with_its_own_faust_drain() -> None:
+    runs = {
+        "full_time": [{"events_per_s": 30.0}, {"events_per_s": 60.0}, {"events_per_s": 40.0}],
+        "full_steady": [{"events_per_s": 3.0}] * 3,
+    }
+    fausts = [{"events_per_s": 3.0}, {"events_per_s": 3.0}, {"events_per_s": 8.0}]
+    result = pipeline.faust_comparison(fausts, runs)
+    assert result["events_per_s"] == 3.0  # the median Faust drain
+    assert result["speedup_repeats"] == {"full_time": [10.0, 20.0, 5.0]}
+    assert result["speedup"] == {"full_time": 10.0}  # the median ratio, not 40 / 3
