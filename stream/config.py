@@ -143,7 +143,7 @@ class ProcessorSettings(BaseSettings):
     onnx_max_rows: int | None = Field(default=256, ge=1)
     # A batch's model calls run on a second thread, one chunk ahead of the loop thread that
     # ranks and encodes the chunk before (onnxruntime releases the GIL, so the two cores
-    # share the work; stream.recommend.recommend_chunks). False: all on the loop thread.
+    # share the work; stream.recommend.recommend). False: all on the loop thread.
     score_overlap: bool = True
     # Session length kept per user; None = the bundle's max_len.
     session_max_len: int | None = None

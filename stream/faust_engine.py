@@ -354,22 +354,24 @@ class FaustEngine:
         if not users:
             return
         sessions = [cast(Session, batch.touched[u].session) for u in users]
-        done = recommend(
+        chunks = recommend(
             self.scorer, users, sessions, self.items.view, stride=self.stride,
             k=self.settings.top_k,
         )  # fmt: skip
-        for row, user in enumerate(users):
-            touched = batch.touched[user]
-            items = done.lists[row]
-            if items is None:
-                reason = str(done.failed[row])[:200]
-                batch.dead.append((touched.event, Invalid("scoring_failed", reason)))
-                continue
-            _, partition, offset = _where(touched.event)
-            value, _ = recommendation_record(
-                user, items, self.scorer.model_version, (partition, offset), touched.click
-            )
-            batch.outputs.append((user, value))
+        for rows, done in chunks:
+            for j, row in enumerate(rows):
+                user = users[row]
+                touched = batch.touched[user]
+                items = done.lists[j]
+                if items is None:
+                    reason = str(done.failed[j])[:200]
+                    batch.dead.append((touched.event, Invalid("scoring_failed", reason)))
+                    continue
+                _, partition, offset = _where(touched.event)
+                value, _ = recommendation_record(
+                    user, items, self.scorer.model_version, (partition, offset), touched.click
+                )
+                batch.outputs.append((user, value))
 
 
 def _applied(session: Session | None, partition: int, offset: int) -> bool:

@@ -6,8 +6,8 @@ output record, whose partition/offset are those of the user's last click applied
 at-least-once (default): the batch's sessions and the last input offset applied per partition
 go to RocksDB in one WriteBatch, and the changelog records to the producer, while the model
 scores the first chunk of users on the model thread; each chunk's outputs are produced as it
-is ranked, then the dead letters; once every record is acknowledged, offsets are committed. A redelivered event (offset ≤ the store's
-marker) is recognised and not appended twice.
+is ranked, then the dead letters; once every record is acknowledged, offsets are committed.
+A redelivered event (offset ≤ the store's marker) is recognised and not appended twice.
 exactly-once: outputs, changelog and offsets go in one Kafka transaction; RocksDB is written
 after it commits (a crash in between restores the partition from the changelog).
 """
@@ -48,7 +48,7 @@ from stream.kafka.clients import DeliveryTracker, commit_offsets, make_consumer,
 from stream.kafka.lag import LagTracker
 from stream.metrics import ProcessorMetrics
 from stream.ops import Health, OpsServer
-from stream.recommend import recommend_chunks, recommendation_record
+from stream.recommend import recommend, recommendation_record
 from stream.reload import BundleSource
 from stream.scoring import Explainer, Scorer
 from stream.state import RocksSessionStore, Session, SessionStore
@@ -373,7 +373,7 @@ class Processor:
             if meanwhile is not None:
                 meanwhile()
             return
-        chunks = recommend_chunks(
+        chunks = recommend(
             self.scorer, users, sessions, self.items.view, stride=self.stride,
             k=self.settings.top_k, explain=self.explain, executor=self._model_thread,
             meanwhile=meanwhile,

@@ -3,7 +3,8 @@
 `recommend` runs the model over one batch's sessions (session_inputs with the bundle's window
 rule, then `score_batch`: incremental step/prefill when the scorer has a step model, else a
 full re-encode), takes the top k outside the session, fills the explanation hook, and
-returns each row's items; `recommendation_record` encodes one output (partition/offset of the
+yields each row's items, chunk by chunk (the processor scores the next chunk on a second
+thread meanwhile); `recommendation_record` encodes one output (partition/offset of the
 user's last click applied). stream.processor and stream.faust_engine call both, so the two
 engines publish the same lists for the same sessions.
 """
@@ -52,41 +53,25 @@ def recommend(
     stride: int,
     k: int,
     explain: Explainer | None = None,
-) -> Recommended:
-    """Model inputs, model (full or incremental), top-k, the explanation hook, ranked items.
-
-    `view` is one state of the item table for the whole batch; `stride` is the bundle's window
-    rule (1 without a step section).
-    """
-    inputs = session_inputs(sessions, view, scorer.max_len, stride)
-    scored = score_batch(scorer, users, sessions, inputs, view)
-    return _ranked(scorer, scored, inputs, view, k, explain)
-
-
-def recommend_chunks(
-    scorer: Scorer,
-    users: list[str],
-    sessions: list[Session],
-    view: TableView,
-    *,
-    stride: int,
-    k: int,
-    explain: Explainer | None = None,
     executor: Executor | None = None,
     chunk_rows: int = 64,
     meanwhile: Callable[[], None] | None = None,
 ) -> Iterator[tuple[list[int], Recommended]]:
-    """`recommend` in chunks of rows, the model one chunk ahead on `executor`'s thread.
+    """Model inputs, model (full or incremental), top-k, the explanation hook and ranked items
+    for one batch's sessions, in chunks of rows, the model one chunk ahead on `executor`'s
+    thread. `view` is one state of the item table for the whole batch; `stride` is the
+    bundle's window rule (1 without a step section).
 
     Yields (rows, lists of those rows): `rows` are indices into `users`, each exactly once,
     chunk by chunk in order of window length. While the caller ranks, explains and encodes
     chunk i on its own thread, chunk i + 1 (its inputs and its model calls) is scored on the
     executor's; onnxruntime releases the GIL, so the second core does the model's work. One
     chunk at a time is scored, in order, so a scorer's state (the K/V cache) sees the calls one
-    `recommend` would make; the next chunk is submitted only after the previous one is in.
-    `meanwhile` runs on the caller's thread while the first chunk is in the model (work of the
-    batch that does not need its scores). Without an executor, or with fewer than two chunks'
-    rows, the whole batch is one chunk, scored in line after `meanwhile`.
+    call for the whole batch would make; the next chunk is submitted only after the previous
+    one is in. `meanwhile` runs on the caller's thread while the first chunk is in the model
+    (work of the batch that does not need its scores). Without an executor, or with fewer
+    than two chunks' rows, the whole batch is one chunk in the order of `users`, scored in
+    line after `meanwhile`.
     """
     n, max_len = len(users), scorer.max_len
     order, chunks = list(range(n)), [(0, n)]

@@ -1,6 +1,6 @@
 """The processor's score step in chunks, the model one chunk ahead on a second thread
-(stream.recommend.recommend_chunks): the same lists as one `recommend` call, every row once,
-with a real ONNX bundle (full re-encode and incremental)."""
+(stream.recommend.recommend with an executor): the same lists as one chunk in line, every row
+once, with a real ONNX bundle (full re-encode and incremental)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from export.bundle import load_bundle
 from stream.incremental import IncrementalScorer
-from stream.recommend import overlap_chunks, recommend, recommend_chunks
+from stream.recommend import overlap_chunks, recommend
 from stream.scoring import OnnxScorer, width_chunks
 from stream.state import Session
 
@@ -61,12 +61,13 @@ def test_chunks_on_a_second_thread_give_the_lists_of_one_call(bundle_dir: Path, 
     sessions = _sessions(bundle.item_ids, 90, bundle.max_len)
     users = [f"user-{u}" for u in range(len(sessions))]
     stride = bundle.step.stride if bundle.step is not None else 1
-    whole = recommend(one, users, sessions, view, stride=stride, k=5)
+    [(order, whole)] = recommend(one, users, sessions, view, stride=stride, k=5)
+    assert order == list(range(len(users)))  # no executor: one chunk, in the users' order
     calls: list[str] = []
     with ThreadPoolExecutor(1) as executor:
         got: dict[int, object] = {}
         n_chunks = 0
-        for rows, done in recommend_chunks(
+        for rows, done in recommend(
             chunked, users, sessions, chunked.items.view, stride=stride, k=5,
             executor=executor, chunk_rows=10, meanwhile=lambda: calls.append("meanwhile"),
         ):  # fmt: skip
@@ -116,7 +117,7 @@ def test_a_caller_that_stops_early_leaves_no_chunk_in_the_model(bundle_dir: Path
     sessions = _sessions(bundle.item_ids, 60, bundle.max_len)
     users = [f"user-{u}" for u in range(len(sessions))]
     with ThreadPoolExecutor(1) as executor:
-        chunks = recommend_chunks(
+        chunks = recommend(
             scorer, users, sessions, scorer.items.view, stride=1, k=5,
             executor=executor, chunk_rows=8,
         )  # fmt: skip
