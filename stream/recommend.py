@@ -54,7 +54,7 @@ def recommend(
     k: int,
     explain: Explainer | None = None,
     executor: Executor | None = None,
-    chunk_rows: int = 64,
+    chunk_rows: int = 256,
     meanwhile: Callable[[], None] | None = None,
 ) -> Iterator[tuple[list[int], Recommended]]:
     """Model inputs, model (full or incremental), top-k, the explanation hook and ranked items
