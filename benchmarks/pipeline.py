@@ -323,6 +323,7 @@ def median_run(results: list[dict[str, float]]) -> dict[str, float]:
     out["repeats_events_per_s"] = [run["events_per_s"] for run in results]  # type: ignore[assignment]
     if all("ceiling_share" in run for run in results):
         out["repeats_ceiling_share"] = [run["ceiling_share"] for run in results]  # type: ignore[assignment]
+        out["ceiling_share_median"] = float(np.median(out["repeats_ceiling_share"]))
     return out
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 
 import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -48,7 +49,7 @@ from stream.kafka.clients import DeliveryTracker, commit_offsets, make_consumer,
 from stream.kafka.lag import LagTracker
 from stream.metrics import ProcessorMetrics
 from stream.ops import Health, OpsServer
-from stream.recommend import recommend, recommendation_record
+from stream.recommend import Recommended, recommend, recommendation_record
 from stream.reload import BundleSource
 from stream.scoring import Explainer, Scorer
 from stream.state import RocksSessionStore, Session, SessionStore
@@ -379,6 +380,20 @@ class Processor:
             meanwhile=meanwhile,
         )  # fmt: skip
         version = self.scorer.model_version
+        # closing: if this loop fails, the chunk still in the model is waited for at once,
+        # not when the traceback lets go of the generator.
+        with closing(chunks):
+            self._collect(batch, users, chunks, version, send)
+
+    def _collect(
+        self,
+        batch: Batch,
+        users: list[str],
+        chunks: Iterable[tuple[list[int], Recommended]],
+        version: str,
+        send: bool,
+    ) -> None:
+        """Each ranked chunk's outputs (or dead letters for the rows the model refused)."""
         for rows, done in chunks:
             self.metrics.scored.inc(len(rows) - len(done.failed))
             for j, row in enumerate(rows):

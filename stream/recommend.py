@@ -11,7 +11,7 @@ engines publish the same lists for the same sessions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 
@@ -56,7 +56,7 @@ def recommend(
     executor: Executor | None = None,
     chunk_rows: int = 256,
     meanwhile: Callable[[], None] | None = None,
-) -> Iterator[tuple[list[int], Recommended]]:
+) -> Generator[tuple[list[int], Recommended], None, None]:
     """Model inputs, model (full or incremental), top-k, the explanation hook and ranked items
     for one batch's sessions, in chunks of rows, the model one chunk ahead on `executor`'s
     thread. `view` is one state of the item table for the whole batch; `stride` is the
