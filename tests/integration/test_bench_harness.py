@@ -17,6 +17,15 @@ def _run(module: object, monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> No
     assert module.main() == 0  # type: ignore[attr-defined]
 
 
+def _measure(
+    module: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> dict:
+    """Run a benchmark module with `argv` + `--out`, check its result's keys, return it."""
+    name = f"{getattr(module, '__name__', 'bench').rsplit('.', 1)[-1]}.json"
+    _run(module, monkeypatch, [*argv, "--out", str(tmp_path / name)])
+    return _keys(tmp_path / name, name)
+
+
 def _keys(path: Path, name: str) -> dict:
     result = json.loads(path.read_text())
     for key in report.EXPECTED[name]:
@@ -28,11 +37,11 @@ def _keys(path: Path, name: str) -> dict:
 def test_latency_module_measures_a_level_and_its_legs(
     bundle_dir: Path, synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out, pipeline = tmp_path / "latency.json", tmp_path / "pipeline.json"
-    pipeline.write_text(json.dumps({"end_to_end": {"events_per_s": 300.0}}))
+    out, drain = tmp_path / "latency.json", tmp_path / "pipeline.json"
+    drain.write_text(json.dumps({"end_to_end": {"events_per_s": 300.0}}))
     argv = ["--bundle", str(bundle_dir), "--source", str(synthetic_dir), "--max-rate", "300",
             "--fractions", "0.5", "--warmup-s", "1", "--measure-s", "2",
-            "--pipeline-json", str(pipeline), "--out", str(out)]  # fmt: skip
+            "--pipeline-json", str(drain), "--out", str(out)]  # fmt: skip
     _run(latency, monkeypatch, argv)
     level = _keys(out, "latency.json")["levels"][0]
     assert level["end_to_end_ms"]["n"] > 0
@@ -45,11 +54,9 @@ def test_latency_module_measures_a_level_and_its_legs(
 def test_scaling_module_measures_each_store_size(
     bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "scaling.json"
     argv = ["--bundle", str(bundle_dir), "--sizes", "200,500", "--batches", "1",
-            "--batch-size", "50", "--fill-chunk", "100", "--out", str(out)]  # fmt: skip
-    _run(scaling, monkeypatch, argv)
-    result = _keys(out, "scaling.json")
+            "--batch-size", "50", "--fill-chunk", "100"]  # fmt: skip
+    result = _measure(scaling, tmp_path, monkeypatch, argv)
     assert [lv["users"] for lv in result["levels"]] == [200, 500]
 
 
@@ -57,29 +64,24 @@ def test_scaling_module_measures_each_store_size(
 def test_catalogue_module_drains_the_whole_processor_on_a_headless_bundle(
     bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "catalogue.json"
     argv = ["--bundle", str(bundle_dir), "--sizes", "300", "--queries", "30",
             "--session-len", "4", "--ef", "16", "--model-seconds", "0.05",
-            "--serving-rounds", "1", "--end-to-end-from", "300", "--users", "40",
-            "--out", str(out)]  # fmt: skip
-    _run(catalogue, monkeypatch, argv)
-    level = _keys(out, "catalogue.json")["levels"][0]
+            "--serving-rounds", "1", "--end-to-end-from", "300", "--users", "40"]  # fmt: skip
+    result = _measure(catalogue, tmp_path, monkeypatch, argv)
+    level = result["levels"][0]
     # Every click of the steady workload (2 per user) went through broker, store and HNSW.
     assert level["end_to_end"]["events"] == 80
     assert level["end_to_end"]["events_per_s"] > 0
-    assert "not run" not in "\n".join(report.catalogue(json.loads(out.read_text())))
+    assert "not run" not in "\n".join(report.catalogue(result))
 
 
 @pytest.mark.slow
 def test_pipeline_module_repeats_each_run_and_reports_its_median_and_ceiling_share(
     bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "pipeline.json"
-    argv = ["--bundle", str(bundle_dir), "--events", "600", "--users", "200",
-            "--workload", "steady", "--inference", "full", "--repeat", "2", "--no-faust",
-            "--out", str(out)]  # fmt: skip
-    _run(pipeline, monkeypatch, argv)
-    result = _keys(out, "pipeline.json")
+    argv = ["--bundle", str(bundle_dir), "--events", "600", "--users", "200", "--no-faust",
+            "--workload", "steady", "--inference", "full", "--repeat", "2"]  # fmt: skip
+    result = _measure(pipeline, tmp_path, monkeypatch, argv)
     run = result["runs"]["full_steady"]
     assert run["events"] >= 600
     rates = run["repeats_events_per_s"]
