@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from export.bundle import window_len
 from stream.batch import now_ms
 from stream.codec import ClickEvent, RecommendedItem, WireItem, encode_recommendation
 from stream.errors import ScoringError
@@ -31,6 +30,7 @@ from stream.scoring import (
     Scorer,
     ranked_items,
     session_inputs,
+    session_window,
     width_chunks,
 )
 from stream.state import Session
@@ -69,18 +69,14 @@ def recommend(
     chunk at a time is scored, in order, so a scorer's state (the K/V cache) sees the calls one
     call for the whole batch would make; the next chunk is submitted only after the previous
     one is in. `meanwhile` runs on the caller's thread while the first chunk is in the model
-    (work of the batch that does not need its scores). Without an executor, or with fewer
-    than two chunks' rows, the whole batch is one chunk in the order of `users`, scored in
+    (work of the batch that does not need its scores). Without an executor (rows in the order
+    of `users`), or with fewer than two chunks' rows, the whole batch is one chunk, scored in
     line after `meanwhile`.
     """
     n, max_len = len(users), scorer.max_len
     order, chunks = list(range(n)), [(0, n)]
     if executor is not None:
-        widths = np.fromiter(
-            (min(window_len(max(s.count, len(s.items)), max_len, stride), len(s.items))
-             for s in sessions),
-            np.int64, n,
-        )  # fmt: skip
+        widths = np.fromiter((session_window(s, max_len, stride)[1] for s in sessions), np.int64, n)
         sort = np.argsort(widths, kind="stable")
         chunks = overlap_chunks(widths[sort], chunk_rows, getattr(scorer, "max_rows", None))
         order = sort.tolist()

@@ -255,6 +255,13 @@ class ModelInputs:
     starts: IntArray  # (B,) session event number of the window's first item (count - window)
 
 
+def session_window(s: Session, max_len: int, stride: int) -> tuple[int, int]:
+    """(events seen, model window length) of a session: the window rule on its event counter,
+    capped by the items it still holds."""
+    count = max(s.count, len(s.items))
+    return count, min(window_len(count, max_len, stride), len(s.items))
+
+
 def session_inputs(
     sessions: Sequence[Session], view: TableView, max_len: int, stride: int
 ) -> ModelInputs:
@@ -273,8 +280,7 @@ def session_inputs(
         items = s.items
         found = list(map(lookup, items))  # one C-level pass; None only after a swap
         known = cast(list[int], found) if None not in found else [j for j in found if j]
-        count = max(s.count, len(items))
-        w = min(window_len(count, max_len, stride), len(items))
+        count, w = session_window(s, max_len, stride)
         if plain and len(known) == len(items):
             window = known[len(known) - w :]
         else:
