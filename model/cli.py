@@ -37,6 +37,9 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--ffn-mult", type=int, default=1, help="FFN width as a multiple of d_model")
     p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument(
+        "--norm", choices=("pre", "post"), default="pre", help="LayerNorm before or after residuals"
+    )
     p.add_argument("--positions", choices=("first", "slot"), default="first")
     p.add_argument(
         "--text", action="store_true", help="text-aware items: MiniLM text embedding + ID"
@@ -152,6 +155,7 @@ def train_from_args(args: argparse.Namespace) -> Path | None:
             n_blocks=args.blocks,
             n_heads=args.heads,
             ffn_mult=args.ffn_mult,
+            norm=args.norm,
             dropout=args.dropout,
             positions=args.positions,
             text_combine=args.text_combine,

@@ -13,6 +13,7 @@ Windows = Literal["last", "all"]
 Schedule = Literal["constant", "cosine"]
 TextCombine = Literal["sum", "gate", "unseen"]
 IdDropoutSide = Literal["both", "output"]
+Norm = Literal["pre", "post"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class SASRecConfig:
     n_heads: int = 1  # attention heads; d_model must divide evenly
     dropout: float = 0.2  # on embeddings and residual branches, never on attention weights
     ffn_mult: int = 1  # FFN width = ffn_mult * d_model; SASRec's point-wise FFN keeps d_model
+    # "pre": LayerNorm on each residual branch's input (x + f(LN(x))), as GPT-2 and most
+    # SASRec code; "post": LayerNorm after each residual sum (LN(x + f(x))), as the original
+    # Transformer and BERT4Rec. Both keep the final LayerNorm before the output layer.
+    norm: Norm = "pre"
     # "slot": learned embedding of the window slot, right-aligned (the newest item is always
     # max_len - 1), as in SASRec. "first": counted from the first real item of the window, so a
     # position does not move when a click is appended until the window is full (DESIGN.md).
@@ -71,6 +76,8 @@ class SASRecConfig:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm not in ("pre", "post"):
+            raise ConfigError(f"norm must be 'pre' or 'post', got {self.norm!r}")
         if self.positions not in ("slot", "first"):
             raise ConfigError(f"positions must be 'slot' or 'first', got {self.positions!r}")
         if self.text_dim < 0 or self.time_buckets < 0 or self.session_gap_s < 1:

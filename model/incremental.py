@@ -141,11 +141,11 @@ def _block_step(
     past_v: torch.Tensor,
     visible: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pre-LN block at one position: x (B, D), past_k/v (B, P, D), visible (B, P) ->
-    (x after the block (B, D), the position's key (B, D) and value (B, D))."""
+    """One block (pre- or post-LN) at one position: x (B, D), past_k/v (B, P, D), visible
+    (B, P) -> (x after the block (B, D), the position's key (B, D) and value (B, D))."""
     attn = block.attn
     heads, hd = attn.n_heads, attn.head_dim
-    q, k, v = torch.split(attn.qkv(block.ln_1(x)), attn.d_model, dim=1)  # 3 × (B, D)
+    q, k, v = torch.split(attn.qkv(x if block.post_ln else block.ln_1(x)), attn.d_model, dim=1)
     qh = torch.unflatten(q, 1, (heads, hd)).unsqueeze(2)  # (B, H, 1, hd)
     kh = torch.unflatten(k, 1, (heads, hd))  # (B, H, hd)
     vh = torch.unflatten(v, 1, (heads, hd))  # (B, H, hd)
@@ -158,6 +158,9 @@ def _block_step(
     weights = torch.softmax(torch.cat([past_logits, self_logit], dim=2), dim=2)  # (B, H, P + 1)
     y = (weights[:, :, :-1].unsqueeze(2) @ past_vh).squeeze(2)  # (B, H, hd)
     y = y + weights[:, :, -1:] * vh  # (B, H, hd)
+    if block.post_ln:
+        x = block.ln_1(x + block.attn.proj(y.flatten(1)))  # (B, D)
+        return block.ln_2(x + block.ffn(x)), k, v  # (B, D)
     x = x + block.attn.proj(y.flatten(1))  # (B, D)
     out: torch.Tensor = x + block.ffn(block.ln_2(x))  # (B, D)
     return out, k, v

@@ -1,7 +1,7 @@
 """SASRec-style causal Transformer over left-padded item windows (Kang & McAuley, 2018).
 
-Pre-LN blocks of causal self-attention and a point-wise FFN, a final LayerNorm, and an output
-layer tied to the item embedding: score(item) = hidden · embedding(item).
+Pre-LN blocks (or post-LN, cfg.norm) of causal self-attention and a point-wise FFN, a final
+LayerNorm, and an output layer tied to the item embedding: score(item) = hidden · embedding(item).
 
 Two optional parts, both off by default (the ID-only model is then exactly the one above):
 - TextSASRec: an item is its frozen text embedding projected to d_model plus its ID embedding;
@@ -73,8 +73,13 @@ class Block(nn.Module):
             nn.Linear(cfg.d_model, width), nn.GELU(), nn.Linear(width, cfg.d_model)
         )
         self.drop = Dropout(cfg.dropout)
+        self.post_ln = cfg.norm == "post"
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        if self.post_ln:
+            x = self.ln_1(x + self.drop(self.attn(x, allowed)))  # (B, L, D)
+            post: torch.Tensor = self.ln_2(x + self.drop(self.ffn(x)))  # (B, L, D)
+            return post
         x = x + self.drop(self.attn(self.ln_1(x), allowed))  # (B, L, D)
         out: torch.Tensor = x + self.drop(self.ffn(self.ln_2(x)))  # (B, L, D)
         return out

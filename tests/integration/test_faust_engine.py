@@ -54,9 +54,17 @@ def faust_engine(settings: ProcessorSettings, log: Path) -> Iterator[ProcessorPr
     ).start()
     try:
         yield proc
+    except BaseException as exc:
+        # CI keeps only pytest's output, not tmp_path: carry the engine's own account with it.
+        exc.add_note(f"faust engine alive: {proc.alive()}; last lines of {log}:\n{tail(log)}")
+        raise
     finally:
         code = proc.stop()
-    assert code == 0, f"faust engine exited with {code}; log: {log}"
+    assert code == 0, f"faust engine exited with {code}; log: {log}\n{tail(log)}"
+
+
+def tail(log: Path, lines: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 def table_sessions(state_dir: Path) -> dict[str, Session]:

@@ -97,10 +97,17 @@ def test_the_window_rule_refuses_impossible_arguments(cached: int, max_len: int,
 
 
 @pytest.mark.parametrize(
-    "cfg", [{"n_heads": 1}, {"n_heads": 2}, {"n_heads": 4, "n_blocks": 3}, {"n_blocks": 1}]
+    "cfg",
+    [
+        {"n_heads": 1},
+        {"n_heads": 2},
+        {"n_heads": 4, "n_blocks": 3},
+        {"n_blocks": 1},
+        {"n_heads": 2, "norm": "post"},
+    ],
 )
 @pytest.mark.parametrize("from_empty", [True, False], ids=["from-empty", "after-prefill"])
-def test_torch_step_matches_the_full_model_on_every_window(cfg: dict[str, int], from_empty: bool):
+def test_torch_step_matches_the_full_model_on_every_window(cfg: dict[str, Any], from_empty: bool):
     model = sharp_model(**cfg)
     full, prefill, step = torch_fns(model)
     for seed in range(2):
@@ -150,8 +157,9 @@ def test_slot_position_models_have_no_step_model() -> None:
             wrapper(model)
 
 
-def test_onnx_step_pair_matches_torch_and_the_full_model(tmp_path: Path) -> None:
-    model = sharp_model(n_heads=2)
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_onnx_step_pair_matches_torch_and_the_full_model(tmp_path: Path, norm: str) -> None:
+    model = sharp_model(n_heads=2, norm=norm)
     paths = export_step_pair(model, tmp_path)
     diffs = check_step_parity(model, paths[PREFILL], paths[STEP])
     assert diffs["prefill_max_abs_diff"] <= 1e-4

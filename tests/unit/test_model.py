@@ -20,13 +20,23 @@ torch.set_num_threads(2)
 POSITIONS = ["first", "slot"]
 
 
-def tiny(positions: str = "first", dropout: float = 0.0, seed: int = 0) -> SASRec:
+def tiny(
+    positions: str = "first", dropout: float = 0.0, seed: int = 0, norm: str = "pre"
+) -> SASRec:
     torch.manual_seed(seed)
     cfg = SASRecConfig(
         num_items=20, max_len=8, d_model=16, n_blocks=2, n_heads=2, dropout=dropout,
-        positions=positions,  # type: ignore[arg-type]
+        positions=positions, norm=norm,  # type: ignore[arg-type]
     )  # fmt: skip
-    return SASRec(cfg).eval()
+    model = SASRec(cfg)
+    if norm == "post":
+        # At init (std 0.02) a post-LN block's output is almost its input's LayerNorm: earlier
+        # items move the last output by ~1e-4. Sharper weights make them matter as in training.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "ln" not in name:
+                    param.mul_(10)
+    return model.eval()
 
 
 def left_padded(*rows: list[int], length: int = 8) -> torch.Tensor:
@@ -41,9 +51,10 @@ def test_shapes_and_tied_padding_row():
     assert torch.count_nonzero(model.item_emb.weight[0]) == 0
 
 
+@pytest.mark.parametrize("norm", ["pre", "post"])
 @pytest.mark.parametrize("positions", POSITIONS)
-def test_changing_a_later_item_leaves_earlier_positions_unchanged(positions: str):
-    model = tiny(positions)
+def test_changing_a_later_item_leaves_earlier_positions_unchanged(positions: str, norm: str):
+    model = tiny(positions, norm=norm)
     a = left_padded([3, 4, 5, 6, 7, 8])
     b = a.clone()
     b[0, 5] = 19
@@ -53,9 +64,10 @@ def test_changing_a_later_item_leaves_earlier_positions_unchanged(positions: str
     assert not torch.allclose(ha[:, 5:], hb[:, 5:], atol=1e-3)
 
 
+@pytest.mark.parametrize("norm", ["pre", "post"])
 @pytest.mark.parametrize("positions", POSITIONS)
-def test_extra_left_padding_does_not_change_the_last_output(positions: str):
-    model = tiny(positions)
+def test_extra_left_padding_does_not_change_the_last_output(positions: str, norm: str):
+    model = tiny(positions, norm=norm)
     with torch.no_grad():
         outputs = [model.score_last(left_padded([5, 9, 2], length=n)) for n in (3, 5, 8)]
         other_pad = model.score_last(left_padded([7, 9, 2], length=8))
@@ -144,8 +156,9 @@ def test_fit_epochs_cuts_the_horizon_to_the_measured_pace():
     assert late.epochs == 2
 
 
-def test_overfits_one_small_batch():
-    model = tiny(dropout=0.1).train()
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_overfits_one_small_batch(norm: str):
+    model = tiny(dropout=0.1, norm=norm).train()
     inputs = left_padded([1, 2, 3, 4], [9, 8, 7], [5, 10, 15, 20, 3, 6])
     targets = left_padded([2, 3, 4, 5], [8, 7, 6], [10, 15, 20, 3, 6, 9])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -163,6 +176,8 @@ def test_overfits_one_small_batch():
 def test_invalid_config_is_refused():
     with pytest.raises(ConfigError):
         SASRecConfig(num_items=10, d_model=10, n_heads=3)
+    with pytest.raises(ConfigError):
+        SASRecConfig(num_items=10, norm="sandwich")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         TrainConfig(max_seconds=0)
 
