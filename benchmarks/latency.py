@@ -36,6 +36,7 @@ import numpy as np
 import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
 
+from benchmarks.child import die_with_parent
 from benchmarks.meta import run_metadata, write_result
 from benchmarks.pipeline import ensure_bundle
 from stream.broker import EmbeddedBroker
@@ -65,6 +66,7 @@ class Source:
 def _produce(bootstrap: str, topic: str, rate: float, seconds: float, source: Source,
              out: mp.Queue) -> None:  # fmt: skip
     """In a spawned process: replay the source's clicks (cycled) at `rate` for `seconds`."""
+    die_with_parent()
     events = list(iter_source(source.path))
     kafka = KafkaSettings(bootstrap_servers=bootstrap)
     with ClickProducer(kafka, topic) as producer:
@@ -81,6 +83,7 @@ def _listen(bootstrap: str, topic: str, fetch_wait_ms: int, stop: Any, path: str
     Arrival is stamped when poll() hands over the first record; consume(timeout=0) then takes
     only records already fetched, so no record waits for a batch to fill before its stamp.
     """
+    die_with_parent()
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.child import die_with_parent
 from benchmarks.meta import run_metadata, write_result
 from benchmarks.stages import score_stages
 from export.bundle import Bundle, load_bundle
@@ -240,6 +241,7 @@ def faust_end_to_end(bundle: Path, events: int, *, partitions: int = 6) -> dict[
 
 
 def _faust_worker(settings: ProcessorSettings, events: int, out: Path) -> None:
+    die_with_parent()
     from stream.faust_engine import FaustEngine  # the optional extra, in the child only
 
     engine = FaustEngine(settings, stop_after=events)
