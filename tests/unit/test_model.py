@@ -257,3 +257,17 @@ def test_the_fitted_horizon_counts_the_validation_every_epoch_pays(tmp_path: Pat
     _train_tiny(data, tmp_path / "m", epochs=3, max_seconds=600.0, fit_epochs=True)
     # The pace is measured after the first epoch's validation, so it includes one.
     assert events[:2] == ["validate", "fit"] and events.count("fit") == 1
+
+
+def test_weight_decay_shrinks_matrices_and_leaves_biases_and_layer_norms_alone():
+    from model.train import _optimizer
+
+    model = tiny().train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = _optimizer(model, TrainConfig(lr=0.1, weight_decay=0.5))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        factor = 1.0 - 0.1 * 0.5 if p.ndim >= 2 else 1.0  # AdamW: p -= lr * wd * p
+        assert torch.allclose(p.detach(), before[name] * factor), name
