@@ -38,11 +38,11 @@ default-engine deployment. Differences:
 - Not here: incremental inference, hot model reload, runtime items (the items topic),
   explanations (`because`), /metrics /livez /readyz (`--metrics-addr` is ignored),
   exactly-once, SASL/SSL. `forget` requests work (session deleted, tombstone to `recs`).
-- Known defect, open (2026-11-24): once in four runs of tests/integration/test_faust_engine.py
-  on this box, a restarted engine handed its agent 49 of 50 new clicks and then nothing for 85 s
-  (no rebalance; the restored table was complete; the missing click's user kept 8 of 9 clicks).
-  Whether Faust's take_events buffer holds the last event until another arrives or the
-  consumer never delivers it is not yet known; the restart test fails when it happens.
+- Known defect, open (2026-11-24): in about one of 30 runs of the restart scenario of
+  tests/integration/test_faust_engine.py on this box (and once in CI), a restarted engine
+  handed its agent 49 of 50 new clicks and then nothing (85 s; no rebalance, table complete).
+  Whether the click is held until a later event (Faust's take_events buffer) or never handed
+  over by the consumer is not known; the restart test fails when it happens.
 - Embedded-broker workaround: Tansu answers list-offsets with the start of a partition's last
   record batch + 1, not its end. On every start Faust checks that a table's persisted changelog
   offset is not above that answer, and a restart on the same state dir crashed with
