@@ -42,6 +42,7 @@ from model.errors import ModelError
 from model.incremental import Prefill, StepModel, supports_step
 from model.sasrec import SASRec
 from model.train import load_checkpoint, model_from_checkpoint
+from tests.unit.test_model import sharpen
 
 torch.set_num_threads(2)
 NUM_ITEMS = 40
@@ -52,11 +53,7 @@ def sharp_model(seed: int = 0, **cfg: Any) -> SASRec:
     uniform and scores spread (std ~1) as a trained model's do."""
     torch.manual_seed(seed)
     model = SASRec(SASRecConfig(num_items=NUM_ITEMS, **{"max_len": 12, "d_model": 16, **cfg}))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "ln" not in name:
-                param.mul_(10)
-    return model.eval()
+    return sharpen(model).eval()
 
 
 # --- the window rule -------------------------------------------------------------------------

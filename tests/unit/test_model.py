@@ -32,11 +32,18 @@ def tiny(
     if norm == "post":
         # At init (std 0.02) a post-LN block's output is almost its input's LayerNorm: earlier
         # items move the last output by ~1e-4. Sharper weights make them matter as in training.
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "ln" not in name:
-                    param.mul_(10)
+        sharpen(model)
     return model.eval()
+
+
+def sharpen(model: SASRec, factor: float = 10.0) -> SASRec:
+    """Every weight but the LayerNorms' times `factor`, so attention is far from uniform and
+    scores spread as a trained model's do."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ln" not in name:
+                param.mul_(factor)
+    return model
 
 
 def left_padded(*rows: list[int], length: int = 8) -> torch.Tensor:
