@@ -28,6 +28,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from benchmarks.child import die_with_parent
+from benchmarks.cpu import CpuMeter
 from benchmarks.meta import run_metadata, write_result
 from benchmarks.pipeline import ensure_bundle
 from stream.broker import EmbeddedBroker
@@ -170,8 +172,12 @@ def _scorer_work(processor: Processor) -> dict[str, float]:
 def run_level(
     bootstrap: str, topics: TopicSettings, processor: ProbedProcessor, rate: float,
     warmup_s: float, measure_s: float, source: Source, sent: list[int],
+    pids: Mapping[str, int],
 ) -> dict[str, Any]:  # fmt: skip
-    """Offer `rate` events/s; returns the measured window and what was processed in it."""
+    """Offer `rate` events/s; returns the measured window and what was processed in it.
+
+    `pids`: the processes besides the producer whose CPU use is measured in the window.
+    """
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     proc = ctx.Process(
@@ -189,9 +195,11 @@ def run_level(
     time.sleep(warmup_s)
     consumed0, perf0 = processor.stats.consumed, time.perf_counter()
     work0 = _scorer_work(processor)
+    cpu = CpuMeter({**pids, "producer": proc.pid or 0})
     time.sleep(measure_s)
     consumed1, perf1 = processor.stats.consumed, time.perf_counter()
     work1 = _scorer_work(processor)
+    cores = cpu.cores()
     report = out.get(timeout=600)
     proc.join()
     # Drain whatever backlog is left, so the next level starts from an empty input topic.
@@ -208,6 +216,9 @@ def run_level(
         "processed_events_per_s": processed,
         # The incremental scorer's rows and ms in the window (step vs prefill), when it has them.
         "scorer_work": {k: work1[k] - work0.get(k, 0) for k in work1},
+        # Cores each process used on average in the window; "processor" is the harness's own
+        # process (the processor's thread with its Kafka and onnxruntime threads).
+        "cpu_cores": cores,
         "window_ms": window,
     }
 
@@ -293,16 +304,17 @@ def main() -> int:
         source = Source(args.source, args.producer_linger_ms)
         sent = [prime(kafka, topics, processor, source)]
         level_args = (broker.bootstrap_servers, topics, processor)
+        pids = {"processor": os.getpid(), "broker": broker.pid, "listener": listener.pid or 0}
         try:
             if args.max_rate == "measure":
-                saturation = run_level(*level_args, drain_rate, 3.0, 10.0, source, sent)
+                saturation = run_level(*level_args, drain_rate, 3.0, 10.0, source, sent, pids=pids)
                 max_rate = float(saturation["processed_events_per_s"])
             else:
                 max_rate = drain_rate if args.max_rate is None else float(args.max_rate)
             for fraction in (float(f) for f in args.fractions.split(",")):
                 level = run_level(
                     *level_args, fraction * max_rate, args.warmup_s, args.measure_s,
-                    source, sent,
+                    source, sent, pids=pids,
                 )  # fmt: skip
                 level["fraction_of_max"] = fraction
                 levels.append(level)

@@ -158,6 +158,16 @@ def _p50(level: dict[str, Any], key: str) -> str:
     return f"{level[key].get('p50', float('nan')):.1f}"
 
 
+CORES = ("processor", "producer", "broker", "listener", "other")
+
+
+def _cores(cores: dict[str, float] | None) -> str:
+    """The latency run's CPU split (benchmarks.cpu); older results have none."""
+    if not cores:
+        return "–"
+    return " / ".join(f"{cores.get(name, float('nan')):.2f}" for name in CORES)
+
+
 def latency(r: dict[str, Any]) -> list[str]:
     rows = []
     for lv in r["levels"]:
@@ -167,10 +177,12 @@ def latency(r: dict[str, Any]) -> list[str]:
              f"{e['p50']:.1f} / {e['p95']:.1f} / **{e['p99']:.1f}** / {e['max']:.0f}",
              *(_p50(lv, k) for k in ("produce_to_poll_ms", "event_to_generated_ms",
                                      "generated_to_arrival_ms")),
-             f"{lv['batch_size']['mean']:.0f}", f"{lv['processor_busy_fraction']:.2f}"]
+             f"{lv['batch_size']['mean']:.0f}", f"{lv['processor_busy_fraction']:.2f}",
+             _cores(lv.get("cpu_cores"))]
         )  # fmt: skip
     header = ["load", "processed/s", "e2e ms p50 / p95 / p99 / max", "produce→poll p50",
-              "event→generated p50", "generated→arrival p50", "mean batch", "busy"]  # fmt: skip
+              "event→generated p50", "generated→arrival p50", "mean batch", "busy",
+              "cores: " + " / ".join(CORES)]  # fmt: skip
     return [
         f"### Latency (max rate {r['max_rate_events_per_s']:,.0f} events/s, "
         f"{r['max_rate_source']})",

@@ -106,3 +106,9 @@ def test_plot_draws_what_exists_and_says_what_does_not(tmp_path: Path) -> None:
         "runs": {"full_time": {"events_per_s": 900.0}}}))  # fmt: skip
     out = plot(results, tmp_path / "bench.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_latency_table_shows_the_cpu_split_and_a_dash_for_older_results() -> None:
+    cores = {"processor": 0.93, "producer": 0.41, "broker": 0.38, "listener": 0.05, "other": 0.1}
+    assert report._cores(cores) == "0.93 / 0.41 / 0.38 / 0.05 / 0.10"
+    assert report._cores(None) == "–"
