@@ -103,3 +103,20 @@ def test_faust_ratios_pair_each_repeat_with_its_own_faust_drain() -> None:
     assert result["events_per_s"] == 3.0  # the median Faust drain
     assert result["speedup_repeats"] == {"full_time": [10.0, 20.0, 5.0]}
     assert result["speedup"] == {"full_time": 10.0}  # the median ratio, not 40 / 3
+
+
+def test_broker_cost_times_each_request_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import broker_cost
+
+    out = tmp_path / "broker_cost.json"
+    _run(broker_cost, monkeypatch, ["--seconds", "0.3", "--batch-sizes", "1,5", "--out", str(out)])
+    kinds = json.loads(out.read_text())["kinds"]
+    assert set(kinds) == {"produce_1_flush", "produce_5_flush", "commit_sync", "fetch"}
+    assert kinds["fetch"]["records_per_s"] > 0  # it reads back what the produce kinds wrote
+    for row in kinds.values():
+        assert row["per_s"] > 0 and row["broker_cores"] >= 0
+        assert row["broker_ms_per_request"] == pytest.approx(
+            1000 * row["broker_cores"] / row["per_s"]
+        )

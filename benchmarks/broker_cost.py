@@ -1,0 +1,116 @@
+"""What one request costs the embedded broker in CPU: produce (acks=all), commits, fetches.
+
+`python -m benchmarks.broker_cost --out benchmarks/results/broker_cost.json`
+
+Each kind runs alone for `--seconds` against a fresh Tansu process with a 3-partition topic.
+The broker's CPU time over that window (benchmarks.cpu) divided by the requests made is its
+cost per request; `fetch` reads back what the produce kinds wrote and is also given per 1,000
+records. The latency benchmark's CPU split showed the broker near one core at a quarter of
+the max rate; this says what its requests cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from benchmarks.cpu import CpuMeter
+from benchmarks.meta import run_metadata, write_result
+from stream.broker import EmbeddedBroker
+from stream.config import KafkaSettings, TopicSettings
+from stream.kafka.admin import create_topics
+
+PARTITIONS = 3
+
+
+def measure(broker_pid: int, request: Callable[[int], None], seconds: float) -> dict[str, float]:
+    """Call `request(i)` for `seconds`; its rate and the broker's CPU per call."""
+    meter = CpuMeter({"broker": broker_pid})
+    start, calls = time.monotonic(), 0
+    while time.monotonic() - start < seconds:
+        request(calls)
+        calls += 1
+    cores = meter.cores()["broker"]
+    rate = calls / (time.monotonic() - start)
+    return {"per_s": rate, "broker_cores": cores, "broker_ms_per_request": 1000 * cores / rate}
+
+
+def run(seconds: float, batch_sizes: list[int]) -> dict[str, Any]:
+    kinds: dict[str, Any] = {}
+    with EmbeddedBroker() as broker:
+        servers = broker.bootstrap_servers
+        topics = TopicSettings(partitions=PARTITIONS)
+        create_topics(KafkaSettings(bootstrap_servers=servers), topics)
+        topic = topics.clicks
+        producer = Producer({"bootstrap.servers": servers, "acks": "all", "linger.ms": 5})
+
+        for size in batch_sizes:
+            # `size` records over every partition, then wait for their acks (as the processor
+            # does once per batch, and as a client does every linger.ms).
+            def produce(i: int, size: int = size) -> None:
+                for j in range(size):
+                    producer.produce(topic, key=str(j).encode(), value=b"x" * 200)
+                producer.flush()
+
+            kinds[f"produce_{size}_flush"] = {
+                "records": size,
+                **measure(broker.pid, produce, seconds),
+            }
+
+        consumer = Consumer(
+            {"bootstrap.servers": servers, "group.id": "broker-cost", "enable.auto.commit": False,
+             "session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+        )  # fmt: skip
+        try:
+            consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+
+            def commit(i: int) -> None:
+                offsets = [TopicPartition(topic, p, 1 + i % 50) for p in range(PARTITIONS)]
+                consumer.commit(offsets=offsets, asynchronous=False)
+
+            kinds["commit_sync"] = {
+                "partitions": PARTITIONS,
+                **measure(broker.pid, commit, seconds),
+            }
+
+            # Reading back what the produce kinds wrote, from the start, as fast as it comes.
+            consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+            records = [0]
+
+            def fetch(i: int) -> None:
+                records[0] += len(consumer.consume(1000, timeout=0.1))
+
+            row = measure(broker.pid, fetch, seconds)
+            per_s = records[0] / seconds
+            kinds["fetch"] = {
+                **row,
+                "records_per_s": per_s,
+                "broker_ms_per_1k_records": 1e6 * row["broker_cores"] / max(per_s, 1e-9),
+            }
+        finally:
+            consumer.close()
+    return kinds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/broker_cost.json"))
+    parser.add_argument("--seconds", type=float, default=5.0, help="per request kind")
+    parser.add_argument("--batch-sizes", default="1,20,200", help="records per produce+flush")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    kinds = run(args.seconds, sizes)
+    for name, row in kinds.items():
+        print(f"{name}: {row['per_s']:.0f}/s, broker {row['broker_cores']:.2f} cores, "
+              f"{row['broker_ms_per_request']:.2f} ms of broker CPU each")  # fmt: skip
+    write_result(args.out, {**run_metadata(), "seconds": args.seconds, "kinds": kinds})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
