@@ -26,11 +26,12 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine has spent neither idle nor waiting for I/O."""
+def machine_cpu_s() -> tuple[float, float]:
+    """CPU seconds the whole machine has run work (not idle, not waiting for I/O), and the
+    seconds its virtual CPUs wanted to run but the host ran something else (steal)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = values
-    return (user + nice + system + irq + softirq + steal) / TICKS
+    return (user + nice + system + irq + softirq) / TICKS, steal / TICKS
 
 
 class CpuMeter:
@@ -43,15 +44,23 @@ class CpuMeter:
     def start(self) -> None:
         self._t0 = time.monotonic()
         self._cpu0 = {name: process_cpu_s(pid) for name, pid in self.pids.items()}
-        self._busy0 = machine_busy_s()
+        self._busy0, self._steal0 = machine_cpu_s()
 
     def cores(self) -> dict[str, float]:
-        """{name: cores} for each process, `machine` (all of it) and `other` (the rest)."""
+        """{name: cores} for each process, `machine` (all of it), `other` (the rest of it) and
+        `steal` (cores the host withheld)."""
         elapsed = max(time.monotonic() - self._t0, 1e-9)
         used = {
             name: (process_cpu_s(pid) - self._cpu0[name]) / elapsed
             for name, pid in self.pids.items()
         }
-        machine = (machine_busy_s() - self._busy0) / elapsed
+        busy, steal = machine_cpu_s()
+        machine = (busy - self._busy0) / elapsed
         named = sum(v for v in used.values() if v == v)  # nan (a process gone) counts as 0
-        return {**used, "machine": machine, "other": max(machine - named, 0.0)}
+        # steal: a shared host slowing this box down (every figure of the window with it).
+        return {
+            **used,
+            "machine": machine,
+            "other": max(machine - named, 0.0),
+            "steal": (steal - self._steal0) / elapsed,
+        }
