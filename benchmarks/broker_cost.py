@@ -5,13 +5,15 @@
 Each kind runs alone for `--seconds` against a fresh Tansu process with a 3-partition topic.
 The broker's CPU time over that window (benchmarks.cpu) divided by the requests made is its
 cost per request; `fetch` reads back what the produce kinds wrote and is also given per 1,000
-records. The latency benchmark's CPU split showed the broker near one core at a quarter of
-the max rate; this says what its requests cost.
+records. `tailing` holds a produce rate while 0-3 consumers read the topic as it grows. The
+latency benchmark's CPU split showed the broker near one core at a quarter of the max rate;
+this says what its requests cost and what the consumers waiting on it add.
 """
 
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -97,18 +99,75 @@ def run(seconds: float, batch_sizes: list[int]) -> dict[str, Any]:
     return kinds
 
 
+def tailing(
+    seconds: float, rate: float, tailers: int, linger_ms: int, fetch_wait_ms: int
+) -> dict[str, float]:
+    """The broker's cores while a client produces `rate` records/s (linger `linger_ms`) and
+    `tailers` consumers read the topic as it grows (as the processor and a subscriber do)."""
+    with EmbeddedBroker() as broker:
+        servers = broker.bootstrap_servers
+        topics = TopicSettings(partitions=PARTITIONS)
+        create_topics(KafkaSettings(bootstrap_servers=servers), topics)
+        stop = threading.Event()
+
+        def tail(n: int) -> None:
+            consumer = Consumer(
+                {"bootstrap.servers": servers, "group.id": f"tail-{n}",
+                 "fetch.wait.max.ms": fetch_wait_ms, "enable.auto.commit": False}
+            )  # fmt: skip
+            consumer.assign([TopicPartition(topics.clicks, p, 0) for p in range(PARTITIONS)])
+            try:
+                while not stop.is_set():
+                    consumer.consume(1000, timeout=0.05)
+            finally:
+                consumer.close()
+
+        threads = [threading.Thread(target=tail, args=(n,)) for n in range(tailers)]
+        for thread in threads:
+            thread.start()
+        producer = Producer({"bootstrap.servers": servers, "linger.ms": linger_ms})
+        try:
+            time.sleep(1.0)  # the consumers' first fetches
+            meter, start, sent = CpuMeter({"broker": broker.pid}), time.monotonic(), 0
+            while (elapsed := time.monotonic() - start) < seconds:
+                while sent < elapsed * rate:
+                    producer.produce(topics.clicks, key=str(sent % 1000).encode(), value=b"x" * 120)
+                    sent += 1
+                producer.poll(0)
+                time.sleep(0.001)
+            cores = meter.cores()
+            producer.flush()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+    return {
+        "records_per_s": sent / seconds, "tailers": tailers, "linger_ms": linger_ms,
+        "fetch_wait_ms": fetch_wait_ms, "broker_cores": cores["broker"], "steal": cores["steal"],
+    }  # fmt: skip
+
+
+TAILING = [(0, 5, 20), (1, 5, 20), (3, 5, 20), (3, 50, 20), (3, 5, 100)]  # tailers, linger, wait
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/broker_cost.json"))
     parser.add_argument("--seconds", type=float, default=5.0, help="per request kind")
     parser.add_argument("--batch-sizes", default="1,20,200", help="records per produce+flush")
+    parser.add_argument("--tail-rate", type=float, default=3800.0, help="records/s, tailing runs")
     args = parser.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     kinds = run(args.seconds, sizes)
     for name, row in kinds.items():
         print(f"{name}: {row['per_s']:.0f}/s, broker {row['broker_cores']:.2f} cores, "
               f"{row['broker_ms_per_request']:.2f} ms of broker CPU each")  # fmt: skip
-    write_result(args.out, {**run_metadata(), "seconds": args.seconds, "kinds": kinds})
+    tails = [tailing(args.seconds, args.tail_rate, *setting) for setting in TAILING]
+    for row in tails:
+        print(f"{row['tailers']} tailing (fetch wait {row['fetch_wait_ms']} ms), producer "
+              f"linger {row['linger_ms']} ms: broker {row['broker_cores']:.2f} cores")  # fmt: skip
+    result = {**run_metadata(), "seconds": args.seconds, "kinds": kinds, "tailing": tails}
+    write_result(args.out, result)
     return 0
 
 

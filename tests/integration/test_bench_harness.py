@@ -111,8 +111,17 @@ def test_broker_cost_times_each_request_kind(
     from benchmarks import broker_cost
 
     out = tmp_path / "broker_cost.json"
-    _run(broker_cost, monkeypatch, ["--seconds", "0.3", "--batch-sizes", "1,5", "--out", str(out)])
-    kinds = json.loads(out.read_text())["kinds"]
+    _run(
+        broker_cost,
+        monkeypatch,
+        ["--seconds", "0.3", "--batch-sizes", "1,5", "--tail-rate", "500", "--out", str(out)],
+    )
+    result = json.loads(out.read_text())
+    kinds = result["kinds"]
+    assert [(r["tailers"], r["linger_ms"], r["fetch_wait_ms"]) for r in result["tailing"]] == [
+        tuple(setting) for setting in broker_cost.TAILING
+    ]
+    assert all(r["records_per_s"] > 0 and r["broker_cores"] >= 0 for r in result["tailing"])
     assert set(kinds) == {"produce_1_flush", "produce_5_flush", "commit_sync", "fetch"}
     assert kinds["fetch"]["records_per_s"] > 0  # it reads back what the produce kinds wrote
     for row in kinds.values():
