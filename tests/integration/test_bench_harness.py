@@ -129,3 +129,4 @@ def test_broker_cost_times_each_request_kind(
         assert row["broker_ms_per_request"] == pytest.approx(
             1000 * row["broker_cores"] / row["per_s"]
         )
+        assert row["steal"] >= 0
