@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,19 @@ def measure(broker_pid: int, request: Callable[[int], None], seconds: float) -> 
     }  # fmt: skip
 
 
+@contextmanager
+def fresh_topic() -> Iterator[tuple[EmbeddedBroker, str]]:
+    """A fresh broker process and an empty topic of PARTITIONS partitions on it."""
+    with EmbeddedBroker() as broker:
+        topics = TopicSettings(partitions=PARTITIONS)
+        create_topics(KafkaSettings(bootstrap_servers=broker.bootstrap_servers), topics)
+        yield broker, topics.clicks
+
+
 def run(seconds: float, batch_sizes: list[int]) -> dict[str, Any]:
     kinds: dict[str, Any] = {}
-    with EmbeddedBroker() as broker:
+    with fresh_topic() as (broker, topic):
         servers = broker.bootstrap_servers
-        topics = TopicSettings(partitions=PARTITIONS)
-        create_topics(KafkaSettings(bootstrap_servers=servers), topics)
-        topic = topics.clicks
         producer = Producer({"bootstrap.servers": servers, "acks": "all", "linger.ms": 5})
 
         for size in batch_sizes:
@@ -112,10 +119,8 @@ def tailing(
 ) -> dict[str, float]:
     """The broker's cores while a client produces `rate` records/s (linger `linger_ms`) and
     `tailers` consumers read the topic as it grows (as the processor and a subscriber do)."""
-    with EmbeddedBroker() as broker:
+    with fresh_topic() as (broker, topic):
         servers = broker.bootstrap_servers
-        topics = TopicSettings(partitions=PARTITIONS)
-        create_topics(KafkaSettings(bootstrap_servers=servers), topics)
         stop = threading.Event()
 
         def tail(n: int) -> None:
@@ -123,7 +128,7 @@ def tailing(
                 {"bootstrap.servers": servers, "group.id": f"tail-{n}",
                  "fetch.wait.max.ms": fetch_wait_ms, "enable.auto.commit": False}
             )  # fmt: skip
-            consumer.assign([TopicPartition(topics.clicks, p, 0) for p in range(PARTITIONS)])
+            consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
             try:
                 while not stop.is_set():
                     consumer.consume(1000, timeout=0.05)
@@ -139,7 +144,7 @@ def tailing(
             meter, start, sent = CpuMeter({"broker": broker.pid}), time.monotonic(), 0
             while (elapsed := time.monotonic() - start) < seconds:
                 while sent < elapsed * rate:
-                    producer.produce(topics.clicks, key=str(sent % 1000).encode(), value=b"x" * 120)
+                    producer.produce(topic, key=str(sent % 1000).encode(), value=b"x" * 120)
                     sent += 1
                 producer.poll(0)
                 time.sleep(0.001)
