@@ -188,14 +188,21 @@ def plot_section(report: dict[str, Any], path: Path) -> Path | None:
             ax.legend(ncol=3, fontsize=8, loc="upper left")
     else:
         fig, ax = plt.subplots(figsize=(5.5, 4))
+        colors: dict[str, str] = {}  # one colour per model, one line style per seed
+        styles = ("-", "--", ":", "-.")
+        seeds = sorted({row.get("seed", 0) for row in result["rows"] if "history" in row})
         for row in result["rows"]:
             if "history" in row:
                 epochs = [h["epoch"] for h in row["history"]]
-                ax.plot(epochs, [h["valid_ndcg@10"] for h in row["history"]], marker=".",
-                        label=row["model"])  # fmt: skip
+                color = colors.setdefault(row["model"], f"C{len(colors)}")
+                seed = row.get("seed", 0)
+                label = row["model"] + (f", seed {seed}" if "seed" in row else "")
+                style = styles[seeds.index(seed) % len(styles)]
+                values = [h["valid_ndcg@10"] for h in row["history"]]
+                ax.plot(epochs, values, marker=".", color=color, ls=style, label=label)
         ax.set(title="timestamped ML-1M users 1-2999", xlabel="epoch", ylabel="valid NDCG@10")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower right", fontsize=7)
     return _finish(fig, path)
 
 
@@ -335,37 +342,66 @@ def _versus_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def render_time(report: dict[str, Any], json_path: Path, png: Path | None) -> str:
     res = report["result"]
+    desc = res["description"]
+    seeds = res.get("seeds", [])
     lines = [
-        f"MovieLens users 1-2999 with their real timestamps ({res['description']['num_users']:,} "
-        f"users, {res['description']['num_items']:,} items, "
-        f"{res['description']['num_interactions']:,} ratings), ordered by time per user, "
-        "leave-one-out, full ranking. Both SASRec runs share every setting, the seed and the "
-        "budget; only the time features differ.",
+        f"MovieLens users 1-2999 with their real timestamps ({desc['num_users']:,} users, "
+        f"{desc['num_items']:,} items, {desc['num_interactions']:,} ratings), ordered by time per "
+        "user, leave-one-out, full ranking. The two SASRec runs of a seed share every setting, "
+        "the seed and the budget; only the time features differ. "
+        f"Seeds: {', '.join(str(s['seed']) for s in seeds) or 'one'}.",
         "",
-        "| model | test HR@10 | test NDCG@10 | test MRR | valid NDCG@10 | train s |",
-        "|---|---|---|---|---|---|",
+        "| model | seed | test HR@10 | test NDCG@10 | test MRR | valid NDCG@10 | train s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "0"
         t = r["test"]
-        cells = [r["model"], _f(t, "hr@10"), _f(t, "ndcg@10"), _f(t, "mrr")]
-        lines.append("| " + " | ".join([*cells, _f(r["valid"], "ndcg@10"), secs]) + " |")
-    diff = res["time_minus_plain_test"]
-    plain, timed = res["rows"][1]["valid"], res["rows"][2]["valid"]
-    valid_diff = timed["ndcg@10"] - plain["ndcg@10"]
-    if diff["ndcg@10"] > 0 and valid_diff > 0:
-        verdict = "time helps on both splits"
-    elif diff["ndcg@10"] < 0 and valid_diff < 0:
-        verdict = "time does not help"
-    else:
-        verdict = "validation and test disagree: no clear gain from time"
-    lines += [
-        "",
-        f"Time minus no time: test HR@10 {diff['hr@10']:+.4f}, NDCG@10 {diff['ndcg@10']:+.4f}, "
-        f"MRR {diff['mrr']:+.4f}; validation NDCG@10 {valid_diff:+.4f}. In this run (one seed) "
-        f"{verdict}.",
-    ]
+        cells = [r["model"], str(r.get("seed", "")), _f(t, "hr@10"), _f(t, "ndcg@10")]
+        lines.append(
+            "| " + " | ".join([*cells, _f(t, "mrr"), _f(r["valid"], "ndcg@10"), secs]) + " |"
+        )
+    if seeds:
+        lines += [
+            "",
+            "Time minus no time, same seed, same cases (paired bootstrap over the users, 95 % "
+            "interval):",
+            "",
+            "| seed | valid HR@10 | valid NDCG@10 | test HR@10 | test NDCG@10 | test MRR |",
+            "|---|---|---|---|---|---|",
+        ]
+        cols = [("valid", "hr@10"), ("valid", "ndcg@10"), ("test", "hr@10"), ("test", "ndcg@10"),
+                ("test", "mrr")]  # fmt: skip
+        for s in seeds:
+            cells = [_interval(s["time_minus_plain"][split][m]) for split, m in cols]
+            lines.append(f"| {s['seed']} | " + " | ".join(cells) + " |")
+        mean = [f"{res[f'time_minus_plain_{split}'][m]:+.4f}" for split, m in cols]
+        lines.append("| mean | " + " | ".join(mean) + " |")
+        lines += ["", f"Verdict on NDCG@10: {time_verdict(seeds)}."]
     return "\n".join([*lines, "", *_meta_lines(report, json_path, png)])
+
+
+SPLITS = ("valid", "test")
+
+
+def _interval(b: dict[str, float]) -> str:
+    return f"{b['diff']:+.4f} [{b['lo95']:+.4f}, {b['hi95']:+.4f}]"
+
+
+def time_verdict(seeds: list[dict[str, Any]], metric: str = "ndcg@10") -> str:
+    """Time helps only if every seed's pair says so on validation and on test; it hurts only if
+    every one says the opposite; anything else is no clear difference. How many of the pairs'
+    intervals exclude 0 says how strong each pair's own evidence is."""
+    pairs = [s["time_minus_plain"][split][metric] for s in seeds for split in SPLITS]
+    signs = {(b["diff"] > 0) - (b["diff"] < 0) for b in pairs}
+    clear = sum(b["lo95"] > 0 or b["hi95"] < 0 for b in pairs)
+    if signs == {1}:
+        head = "time helps, with every seed on validation and on test"
+    elif signs == {-1}:
+        head = "time does not help: it is behind with every seed, on validation and on test"
+    else:
+        head = "no clear difference: the seeds or the splits disagree on the sign"
+    return f"{head} ({clear} of {len(pairs)} intervals exclude 0; {len(seeds)} seed(s))"
 
 
 def update_section_md(report: dict[str, Any], md: Path, json_path: Path, png: Path | None) -> None:

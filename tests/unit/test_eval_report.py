@@ -1,11 +1,12 @@
 """The generated Model quality block states the issue-4 target per metric, without rounding a
-near miss into a pass."""
+near miss into a pass; the time block reports every seed's pair and needs all of them to agree."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from benchmarks.eval_report import _target_lines
+from benchmarks.eval_report import _target_lines, render_time, time_verdict
 
 
 def _report(hr: float, ndcg: float, seconds: float = 1610.0) -> dict[str, Any]:
@@ -27,3 +28,58 @@ def test_all_three_conditions_make_it_met() -> None:
 
 def test_missing_ml1m_says_so() -> None:
     assert _target_lines({"datasets": {}}) == ["Targets: ML-1M was not run."]
+
+
+# -- the time section: one pair of runs per seed, and a verdict that needs every seed ----------
+
+
+def _seed(seed: int, valid: float, test: float) -> dict[str, Any]:
+    def b(diff: float) -> dict[str, float]:
+        return {"diff": diff, "lo95": diff - 0.01, "hi95": diff + 0.01}
+
+    pair = {m: b(test) for m in ("hr@10", "ndcg@10", "mrr")}
+    return {
+        "seed": seed,
+        "time_minus_plain": {"valid": {**pair, "ndcg@10": b(valid)}, "test": pair},
+    }
+
+
+def test_time_helps_only_when_every_seed_and_split_agree() -> None:
+    assert time_verdict([_seed(42, 0.002, 0.004), _seed(43, 0.001, 0.003)]).startswith("time helps")
+    assert time_verdict([_seed(42, -0.002, -0.004)]).startswith("time does not help")
+    mixed = [_seed(42, 0.002, 0.004), _seed(43, -0.001, 0.003)]
+    assert time_verdict(mixed).startswith("no clear difference")
+    # Intervals are diff +- 0.01 here: only a difference of 0.02 excludes 0.
+    assert "(1 of 2 intervals exclude 0; 1 seed(s))" in time_verdict([_seed(42, 0.02, 0.004)])
+
+
+def test_time_block_lists_each_seed_with_its_interval_and_the_mean() -> None:
+    metrics = {"hr@10": 0.25, "ndcg@10": 0.14, "mrr": 0.12}
+    rows = [{"model": "popularity", "valid": metrics, "test": metrics}] + [
+        {"model": m, "seed": s, "valid": metrics, "test": metrics, "train_seconds": 100.0}
+        for s in (42, 43)
+        for m in ("SASRec (no time)", "SASRec + time")
+    ]
+    seeds = [_seed(42, 0.002, 0.004), _seed(43, -0.001, 0.003)]
+    mean = {"hr@10": 0.0035, "ndcg@10": 0.0035, "mrr": 0.0035}
+    report = {
+        "result": {
+            "description": {"num_users": 2999, "num_items": 3615, "num_interactions": 487650},
+            "rows": rows,
+            "seeds": seeds,
+            "time_minus_plain_valid": {**mean, "ndcg@10": 0.0005},
+            "time_minus_plain_test": mean,
+        },
+        "command": "make eval",
+        "total_seconds": 60.0,
+        "machine": "test",
+        "cpu": {"cpu": "x", "torch": "2", "load_average": [0.0]},
+        "date": "2026-11-24",
+        "commit": "abc",
+        "dirty": False,
+    }
+    text = render_time(report, Path("eval_time.json"), None)
+    assert "| SASRec + time | 43 | 0.2500 |" in text
+    assert "| 42 | +0.0040 [-0.0060, +0.0140] | +0.0020 [-0.0080, +0.0120] |" in text
+    assert "| mean | +0.0035 | +0.0005 | +0.0035 |" in text
+    assert "no clear difference" in text
