@@ -119,11 +119,13 @@ class IncrementalScorer:
         self.rows: Counter[str] = Counter()
 
     # -- the Scorer protocol and the item table seam ------------------------------------------
-    def score(self, item_seq: IntArray) -> FloatArray:
-        return self.full.score(item_seq)
+    def score(self, item_seq: IntArray, time_seq: IntArray | None = None) -> FloatArray:
+        return self.full.score(item_seq, time_seq)
 
-    def score_hidden(self, item_seq: IntArray) -> tuple[FloatArray | None, FloatArray | None]:
-        return self.full.score_hidden(item_seq)
+    def score_hidden(
+        self, item_seq: IntArray, time_seq: IntArray | None = None
+    ) -> tuple[FloatArray | None, FloatArray | None]:
+        return self.full.score_hidden(item_seq, time_seq)
 
     def add_items(self, item_ids: Sequence[str], vectors: FloatArray) -> int:
         return self.full.add_items(item_ids, vectors)

@@ -74,6 +74,7 @@ def recommend(
     line after `meanwhile`.
     """
     n, max_len = len(users), scorer.max_len
+    with_time = bool(getattr(scorer, "uses_time", False))  # a time-aware bundle
     order, chunks = list(range(n)), [(0, n)]
     if executor is not None:
         widths = np.fromiter((session_window(s, max_len, stride)[1] for s in sessions), np.int64, n)
@@ -83,7 +84,7 @@ def recommend(
 
     def score(lo: int, hi: int) -> tuple[ModelInputs, Scored]:
         part = [sessions[r] for r in order[lo:hi]]
-        inputs = session_inputs(part, view, max_len, stride)
+        inputs = session_inputs(part, view, max_len, stride, with_time=with_time)
         return inputs, score_batch(scorer, [users[r] for r in order[lo:hi]], part, inputs, view)
 
     if executor is None or len(chunks) < 2:

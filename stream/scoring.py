@@ -138,7 +138,8 @@ class OnnxScorer:
                 f"{self.bundle.model_path} does not follow the bundle contract: "
                 + "; ".join(problems)
             )
-        self._uses_time = "time_seq" in inputs
+        # A time-aware model: the processor feeds each window's click times (session_inputs).
+        self.uses_time = "time_seq" in inputs
         self._outputs = [
             n
             for n in ("scores", "hidden")
@@ -154,8 +155,10 @@ class OnnxScorer:
             item_seq = trimmed(item_seq)
             time_seq = None if time_seq is None else time_seq[:, -item_seq.shape[1] :]
         feeds = {"item_seq": item_seq}
-        if self._uses_time:
-            feeds["time_seq"] = time_seq if time_seq is not None else np.zeros_like(item_seq)
+        if self.uses_time:
+            if time_seq is None:
+                raise ScoringError("this model reads click times: pass time_seq with item_seq")
+            feeds["time_seq"] = time_seq
         try:
             out = self._session.run(self._outputs, feeds)
         except Exception as exc:
@@ -253,6 +256,9 @@ class ModelInputs:
     item_seq: IntArray  # (B, L) the model's window, left-padded
     lengths: IntArray  # (B,) real items in item_seq
     starts: IntArray  # (B,) session event number of the window's first item (count - window)
+    # (B, L) each window item's click time in epoch seconds, 0 = padding (the bundle
+    # contract's time_seq); None unless the model reads time.
+    time_seq: IntArray | None = None
 
 
 def session_window(s: Session, max_len: int, stride: int) -> tuple[int, int]:
@@ -263,35 +269,57 @@ def session_window(s: Session, max_len: int, stride: int) -> tuple[int, int]:
 
 
 def session_inputs(
-    sessions: Sequence[Session], view: TableView, max_len: int, stride: int
+    sessions: Sequence[Session],
+    view: TableView,
+    max_len: int,
+    stride: int,
+    *,
+    with_time: bool = False,
 ) -> ModelInputs:
     """Seen items and the model's window of each session (the window rule in the docstring).
 
     Items the model cannot embed (unknown to the bundle after a swap, or runtime items) are
-    left out of the window; runtime items stay in `seen`.
+    left out of the window; runtime items stay in `seen`. `with_time` (a model with a time_seq
+    input) also gives each window item's click time, epoch ms in the session -> seconds.
     """
     index, n_model = view.index, view.num_model
     lookup = index.get
     plain = view.width == n_model  # no runtime items: every known index embeds
     seen_rows: list[list[int]] = []
     windows: list[list[int]] = []
+    times: list[list[int]] = []
     starts = np.empty(len(sessions), dtype=np.int64)
     for row, s in enumerate(sessions):
         items = s.items
         found = list(map(lookup, items))  # one C-level pass; None only after a swap
         known = cast(list[int], found) if None not in found else [j for j in found if j]
         count, w = session_window(s, max_len, stride)
+        first = len(items) - w
         if plain and len(known) == len(items):
-            window = known[len(known) - w :]
+            window = known[first:]
+            if with_time:
+                times.append([t // 1000 for t in s.ts[first:]])
         else:
-            tail = map(lookup, items[len(items) - w :])
-            window = [j for j in tail if j is not None and j < n_model]
+            pairs = [
+                (j, t)
+                for j, t in zip(map(lookup, items[first:]), s.ts[first:], strict=True)
+                if j is not None and j < n_model
+            ]
+            window = [j for j, _ in pairs]
+            if with_time:
+                times.append([t // 1000 for _, t in pairs])
         seen_rows.append(known)
         windows.append(window)
         starts[row] = count - w
     lengths = np.fromiter(map(len, windows), dtype=np.int64, count=len(windows))
     width = max(max_len, max(map(len, seen_rows), default=0))
-    return ModelInputs(left_pad(seen_rows, width), left_pad(windows, max_len), lengths, starts)
+    return ModelInputs(
+        left_pad(seen_rows, width),
+        left_pad(windows, max_len),
+        lengths,
+        starts,
+        left_pad(times, max_len) if with_time else None,
+    )
 
 
 def isolate_failures(
@@ -395,19 +423,6 @@ def trimmed(item_seq: IntArray) -> IntArray:
     return item_seq[:, first:]
 
 
-def score_isolating_failures(
-    scorer: Scorer, item_seq: IntArray, width: int
-) -> tuple[FloatArray, dict[int, ScoringError]]:
-    """One model call for the batch; rows the model rejects score -inf and come back with
-    their error (the caller dead-letters them)."""
-    scores = np.full((len(item_seq), width), -np.inf, dtype=np.float32)
-
-    def call(lo: int, hi: int) -> None:
-        scores[lo:hi] = scorer.score(item_seq[lo:hi])
-
-    return scores, isolate_failures(call, len(item_seq))
-
-
 # The explanation seam: explain(best (B, k), item_seq (B, L), item_vectors (N + 1 + M, D)) ->
 # because (B, k): for each recommended index, the index of the window item that explains it
 # (0 = none). The processor calls it after top-k when set (Processor.explain).
@@ -429,7 +444,7 @@ def full_scores(scorer: Scorer, inputs: ModelInputs, view: TableView) -> Scored:
     A scorer with `score_hidden` (OnnxScorer, IncrementalScorer) also gives the hidden states;
     a plain Scorer (a test's wrapper) gives scores only.
     """
-    with_hidden: Callable[[IntArray], tuple[FloatArray | None, FloatArray | None]] | None
+    with_hidden: Callable[..., tuple[FloatArray | None, FloatArray | None]] | None
     with_hidden = getattr(scorer, "score_hidden", None)
     head = getattr(scorer, "score_head", True)
     B = len(inputs.item_seq)
@@ -443,6 +458,7 @@ def full_scores(scorer: Scorer, inputs: ModelInputs, view: TableView) -> Scored:
         order = np.argsort(inputs.lengths, kind="stable")
         chunks = width_chunks(inputs.lengths[order], max_rows)
     item_seq = inputs.item_seq[order]
+    time_seq = None if inputs.time_seq is None else inputs.time_seq[order]
 
     def call(lo: int, hi: int) -> None:
         nonlocal hidden
@@ -450,7 +466,10 @@ def full_scores(scorer: Scorer, inputs: ModelInputs, view: TableView) -> Scored:
         if with_hidden is None:
             scores[rows] = scorer.score(item_seq[lo:hi])
             return
-        part, part_hidden = with_hidden(item_seq[lo:hi])
+        if time_seq is None:
+            part, part_hidden = with_hidden(item_seq[lo:hi])
+        else:
+            part, part_hidden = with_hidden(item_seq[lo:hi], time_seq[lo:hi])
         if part is not None:
             scores[rows] = part
         if part_hidden is not None:

@@ -158,7 +158,12 @@ def test_a_hand_built_contract_model_loads_and_scores_every_item_column(
     assert bundle.item_ids[1:] == tuple(i for i, _ in catalogue())
     scorer = OnnxScorer(bundle)
     item_seq = left_pad([[1, 2, 3], [], [8, 8, 7, 6, 5, 4]], bundle.max_len)
-    scores = scorer.score(item_seq)
+    assert scorer.uses_time == with_time
+    if with_time:  # a time-aware model without its click times is refused, not fed zeros
+        with pytest.raises(ScoringError, match="time_seq"):
+            scorer.score(item_seq)
+    time_seq = np.where(item_seq != 0, 1_700_000_000, 0) if with_time else None
+    scores = scorer.score(item_seq, time_seq)
     assert scores.shape == (3, NUM_ITEMS + 1) and scores.dtype == np.float32
     np.testing.assert_allclose(scores, reference_scores(item_seq), rtol=1e-5, atol=1e-5)
     best, _ = top_k(scores, item_seq, 3)

@@ -84,6 +84,31 @@ def test_session_inputs_follow_the_window_rule_from_the_event_counter() -> None:
     assert session_inputs([s], view, L, 1).item_seq[0].tolist() == [8, 9, 10, 11]
 
 
+def test_time_seq_gives_each_window_item_its_own_click_time_in_seconds() -> None:
+    items = table(5)
+    items.add_items(["new"], np.ones((1, 3), np.float32))
+    stamps = {"i1": 1_700_000_000_123, "gone": 1_700_000_060_000, "new": 1_700_000_120_999,
+              "i2": 1_700_003_600_500, "i3": 1_700_003_601_000}  # fmt: skip
+    s = Session()
+    for k, (item, ts) in enumerate(stamps.items()):
+        s.append(item, ts=ts, partition=0, offset=k, max_len=10)
+    # Runtime and unknown items leave the window and take their times with them.
+    inputs = session_inputs([s], items.view, 5, 1, with_time=True)
+    assert inputs.item_seq.tolist() == [[0, 0, 1, 2, 3]]
+    assert inputs.time_seq is not None and inputs.time_seq.dtype == np.int64
+    assert inputs.time_seq.tolist() == [[0, 0, 1_700_000_000, 1_700_003_600, 1_700_003_601]]
+    # Without runtime items (the fast path) the times follow the window rule like the items.
+    s = Session()
+    for k in range(5):
+        s.append(f"i{k + 1}", ts=(1_700_000_000 + 60 * k) * 1000, partition=0, offset=k, max_len=10)
+    plain = table(5).view
+    inputs = session_inputs([s, session_of(["i2"], 10)], plain, 3, 1, with_time=True)
+    assert inputs.item_seq.tolist() == [[3, 4, 5], [0, 0, 2]]
+    assert inputs.time_seq is not None
+    assert inputs.time_seq.tolist() == [[1_700_000_120, 1_700_000_180, 1_700_000_240], [0, 0, 0]]
+    assert session_inputs([s], plain, 3, 1).time_seq is None
+
+
 def test_runtime_and_unknown_items_stay_out_of_the_window_but_runtime_ones_are_seen() -> None:
     items = table(5)
     items.add_items(["new"], np.ones((1, 3), np.float32))
