@@ -78,10 +78,10 @@ bench-quick: env
 bench-recovery: env
 	$(BIN)/python -m benchmarks.recovery --out benchmarks/results/recovery.json
 
-# Model quality: every model and baseline on ML-1M and Video (~50 min on 2 cores), then issue 5's
-# cold-start (6 short SASRec runs) and time-aware (2) sections (~30 min more); JSON + plots in
-# benchmarks/results/, summary in BENCHMARKS.md. DATA=... moves the data root. One section
-# alone: $(BIN)/python -m benchmarks.eval --sections cold (or models, time).
+# Model quality: every model and baseline on ML-1M and Video (~40 min on 2 cores), then issue 5's
+# cold-start (6 short SASRec runs, ~20 min) and time-aware (3 seeds x 2 runs, ~17 min)
+# sections; JSON + plots in benchmarks/results/, summary in BENCHMARKS.md. DATA=... moves the
+# data root. One section alone: $(BIN)/python -m benchmarks.eval --sections cold (or models, time).
 DATA ?= ../shared/data
 eval: env
 	$(BIN)/python -m benchmarks.eval --data-root $(DATA) --out benchmarks/results/eval.json
