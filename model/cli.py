@@ -258,7 +258,10 @@ def _score_bundle(dataset: Any, args: argparse.Namespace, _: str) -> dict[str, f
     if bundle.item_ids[1:] != tuple(dataset.item_ids):
         raise BundleError(f"{args.bundle} lists another item catalogue than {args.data}")
     score_fn = onnx_score_fn(bundle.model_path, args.threads)
-    return evaluate_scores_fn(score_fn, dataset, args.split, bundle.max_len, args.batch_size)
+    with_time = "time_seq" in bundle.manifest.inputs  # the data set must carry timestamps
+    return evaluate_scores_fn(
+        score_fn, dataset, args.split, bundle.max_len, args.batch_size, with_time=with_time
+    )
 
 
 def _score_baseline(dataset: Any, args: argparse.Namespace, name: str) -> dict[str, float]:

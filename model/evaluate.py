@@ -216,7 +216,8 @@ def evaluate_model(
 
 
 def onnx_score_fn(model_path: Path, threads: int = 2) -> ScoreFn:
-    """Score through onnxruntime, the way serving does (input item_seq, output scores)."""
+    """Score through onnxruntime, the way serving does (input item_seq, output scores); a
+    TimeScoreFn (windows, times in epoch seconds) when the graph also reads time_seq."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -225,9 +226,15 @@ def onnx_score_fn(model_path: Path, threads: int = 2) -> ScoreFn:
     session = ort.InferenceSession(
         str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
     )
+    uses_time = any(i.name == "time_seq" for i in session.get_inputs())
 
-    def score(windows: np.ndarray) -> np.ndarray:
-        return np.asarray(session.run(["scores"], {"item_seq": windows})[0])
+    def score(windows: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
+        feeds = {"item_seq": windows}
+        if uses_time:
+            if times is None:
+                raise ValueError(f"{model_path} reads time_seq: evaluate it with_time")
+            feeds["time_seq"] = times
+        return np.asarray(session.run(["scores"], feeds)[0])
 
     return score
 

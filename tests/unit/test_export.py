@@ -105,6 +105,25 @@ def test_cli_exports_and_evaluates_bundle_and_checkpoint_alike(trained, tmp_path
     assert np.isfinite(result["checkpoint"]["mrr"])
 
 
+def test_a_time_aware_bundle_evaluates_with_its_click_times_as_the_checkpoint_does(
+    tmp_path: Path, capsys
+):
+    data = f"synthetic:{chain_dataset_dir(tmp_path / 'data', num_items=15, num_users=40)}"
+    run, out = tmp_path / "run", tmp_path / "bundle"
+    argv = ["train", "--data", data, "--out", str(run), "--epochs", "2", "--max-len", "8"]
+    assert _run_cli([*argv, "--d-model", "16", "--time-buckets", "12", "--no-progress"]) == 0
+    assert _run_cli(["export", "--checkpoint", str(run / "ckpt.pt"), "--out", str(out)]) == 0
+    assert load_bundle(out).manifest.inputs == ("item_seq", "time_seq")
+    capsys.readouterr()
+    argv = ["evaluate", "--data", data, "--checkpoint", str(run / "ckpt.pt"), "--bundle", str(out)]
+    assert _run_cli([*argv, "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bundle"] == pytest.approx(result["checkpoint"], abs=1e-12)
+    assert result["bundle"]["users"] == 40
+    with pytest.raises(ValueError, match="time_seq"):  # never scored as if every time were 0
+        onnx_score_fn(load_bundle(out).model_path, 1)(np.zeros((1, 8), np.int64))
+
+
 def test_slot_positions_export_with_parity(tmp_path: Path):
     torch.manual_seed(0)
     cfg = SASRecConfig(num_items=30, max_len=6, d_model=16, positions="slot")
