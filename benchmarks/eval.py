@@ -121,8 +121,13 @@ QUICK = {
 }  # fmt: skip
 
 
-def evaluate_both(score_fn: ScoreFn, ds: SequenceDataset, max_len: int) -> dict[str, Any]:
-    return {s: evaluate_scores_fn(score_fn, ds, s, max_len) for s in ("valid", "test")}
+def evaluate_both(
+    score_fn: ScoreFn, ds: SequenceDataset, max_len: int, *, with_time: bool = False
+) -> dict[str, Any]:
+    return {
+        s: evaluate_scores_fn(score_fn, ds, s, max_len, with_time=with_time)
+        for s in ("valid", "test")
+    }
 
 
 def run_grid(
@@ -212,7 +217,10 @@ def check_bundle(ds: SequenceDataset, row: dict[str, Any], out: Path) -> dict[st
     from model.evaluate import onnx_score_fn
 
     bundle = load_bundle(export_bundle(Path(row["checkpoint"]), out))
-    via_onnx = evaluate_both(onnx_score_fn(bundle.model_path, 2), ds, bundle.max_len)
+    with_time = "time_seq" in bundle.manifest.inputs  # fed the data set's click times
+    via_onnx = evaluate_both(
+        onnx_score_fn(bundle.model_path, 2), ds, bundle.max_len, with_time=with_time
+    )
     diffs = {
         split: max(abs(via_onnx[split][k] - row[split][k]) for k in row[split])
         for split in ("valid", "test")

@@ -186,6 +186,7 @@ def run_sasrec(
         "wall_seconds": time.monotonic() - started,
         "parameters": params,
         "history": ckpt["metrics"]["history"],
+        "checkpoint": str(path),
     }
 
 

@@ -378,6 +378,17 @@ def render_time(report: dict[str, Any], json_path: Path, png: Path | None) -> st
         mean = [f"{res[f'time_minus_plain_{split}'][m]:+.4f}" for split, m in cols]
         lines.append("| mean | " + " | ".join(mean) + " |")
         lines += ["", f"Verdict on NDCG@10: {time_verdict(seeds)}."]
+    onnx = res.get("onnx")
+    if onnx:
+        diff = onnx["max_abs_metric_diff"]
+        lines += [
+            "",
+            f"- ONNX bundle of the time-aware model (seed {onnx['seed']}, "
+            f"`{onnx['model_version']}`) scored through onnxruntime with the users' click times "
+            f"(`time_seq`): largest metric difference to PyTorch {diff['test']:.1e} on test, "
+            f"{diff['valid']:.1e} on valid; largest score difference "
+            f"{onnx['score_parity_max_abs_diff']:.1e}.",
+        ]
     return "\n".join([*lines, "", *_meta_lines(report, json_path, png)])
 
 

@@ -77,7 +77,10 @@ def run_time(ds: SequenceDataset, plan: TimePlan, work: Path, threads: int) -> d
         {"model": "popularity", **{s: evaluate_scores_fn(pop.score_fn, ds, s, 1) for s in SPLITS}}
     ]
     variants = {"SASRec (no time)": {}, "SASRec + time": plan.time}
-    seeds = []
+    from benchmarks.eval import check_bundle  # eval imports this module
+
+    seeds: list[dict[str, Any]] = []
+    onnx: dict[str, Any] | None = None
     for seed in plan.seeds:
         ranks = {}
         for name, extra in variants.items():
@@ -92,6 +95,8 @@ def run_time(ds: SequenceDataset, plan: TimePlan, work: Path, threads: int) -> d
                 s: case_ranks(fn, ds, s, net.cfg.max_len, with_time=bool(extra)) for s in SPLITS
             }
             rows.append({**row, "seed": seed, **{s: _metrics(ranks[tag][s]) for s in SPLITS}})
+            if extra and onnx is None:  # the first seed's time-aware model, as served
+                onnx = {"seed": seed, **check_bundle(ds, rows[-1], work / "bundle-time")}
         seeds.append(
             {
                 "seed": seed,
@@ -107,6 +112,7 @@ def run_time(ds: SequenceDataset, plan: TimePlan, work: Path, threads: int) -> d
         "description": ds.description,
         "rows": rows,
         "seeds": seeds,
+        "onnx": onnx,
         **{f"time_minus_plain_{s}": mean_difference(seeds, s) for s in SPLITS},
     }
 

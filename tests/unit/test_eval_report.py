@@ -83,3 +83,12 @@ def test_time_block_lists_each_seed_with_its_interval_and_the_mean() -> None:
     assert "| 42 | +0.0040 [-0.0060, +0.0140] | +0.0020 [-0.0080, +0.0120] |" in text
     assert "| mean | +0.0035 | +0.0005 | +0.0035 |" in text
     assert "no clear difference" in text
+    assert "ONNX bundle" not in text  # a run without the check says nothing of it
+    report["result"]["onnx"] = {  # type: ignore[index]
+        "seed": 42,
+        "model_version": "sasrec-x",
+        "max_abs_metric_diff": {"test": 2e-9, "valid": 0.0},
+        "score_parity_max_abs_diff": 4e-6,
+    }
+    text = render_time(report, Path("eval_time.json"), None)
+    assert "(seed 42, `sasrec-x`)" in text and "2.0e-09 on test, 0.0e+00 on valid" in text
