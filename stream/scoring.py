@@ -298,16 +298,15 @@ def session_inputs(
         if plain and len(known) == len(items):
             window = known[first:]
             if with_time:
-                times.append([t // 1000 for t in s.ts[first:]])
-        else:
-            pairs = [
-                (j, t)
-                for j, t in zip(map(lookup, items[first:]), s.ts[first:], strict=True)
-                if j is not None and j < n_model
-            ]
+                times.append(s.ts[first:])
+        elif with_time:  # an item that leaves the window takes its time with it
+            stamped = zip(map(lookup, items[first:]), s.ts[first:], strict=True)
+            pairs = [(j, t) for j, t in stamped if j is not None and j < n_model]
             window = [j for j, _ in pairs]
-            if with_time:
-                times.append([t // 1000 for _, t in pairs])
+            times.append([t for _, t in pairs])
+        else:
+            tail = map(lookup, items[first:])
+            window = [j for j in tail if j is not None and j < n_model]
         seen_rows.append(known)
         windows.append(window)
         starts[row] = count - w
@@ -318,7 +317,7 @@ def session_inputs(
         left_pad(windows, max_len),
         lengths,
         starts,
-        left_pad(times, max_len) if with_time else None,
+        left_pad(times, max_len) // 1000 if with_time else None,  # ms -> s; padding stays 0
     )
 
 
@@ -444,7 +443,9 @@ def full_scores(scorer: Scorer, inputs: ModelInputs, view: TableView) -> Scored:
     A scorer with `score_hidden` (OnnxScorer, IncrementalScorer) also gives the hidden states;
     a plain Scorer (a test's wrapper) gives scores only.
     """
-    with_hidden: Callable[..., tuple[FloatArray | None, FloatArray | None]] | None
+    with_hidden: (
+        Callable[[IntArray, IntArray | None], tuple[FloatArray | None, FloatArray | None]] | None
+    )
     with_hidden = getattr(scorer, "score_hidden", None)
     head = getattr(scorer, "score_head", True)
     B = len(inputs.item_seq)
@@ -466,10 +467,9 @@ def full_scores(scorer: Scorer, inputs: ModelInputs, view: TableView) -> Scored:
         if with_hidden is None:
             scores[rows] = scorer.score(item_seq[lo:hi])
             return
-        if time_seq is None:
-            part, part_hidden = with_hidden(item_seq[lo:hi])
-        else:
-            part, part_hidden = with_hidden(item_seq[lo:hi], time_seq[lo:hi])
+        part, part_hidden = with_hidden(
+            item_seq[lo:hi], None if time_seq is None else time_seq[lo:hi]
+        )
         if part is not None:
             scores[rows] = part
         if part_hidden is not None:
