@@ -63,6 +63,10 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--windows", choices=("last", "all"), default="last", help="per user per epoch")
+    p.add_argument(
+        "--window-overlap", type=int, default=0,
+        help="with --windows all: items older windows share with newer ones (more context)",
+    )  # fmt: skip
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     p.add_argument("--warmup-epochs", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
@@ -172,6 +176,7 @@ def train_from_args(args: argparse.Namespace) -> Path | None:
             lr=args.lr,
             weight_decay=args.weight_decay,
             windows=args.windows,
+            window_overlap=args.window_overlap,
             schedule=args.schedule,
             warmup_epochs=args.warmup_epochs,
             label_smoothing=args.label_smoothing,

@@ -127,6 +127,10 @@ class TrainConfig:
     # also the older stretches of long histories, cut at points that move every epoch, so every
     # training item is a target at least once per epoch (ML-1M: 8.6k windows instead of 6k).
     windows: Windows = "last"
+    # With windows "all": older windows overlap the next newer one by this many items, and
+    # each target counts once, in the window where it has the most context (>= this many
+    # items); 0 = windows max_len apart, as before (model/data.py `training_windows`).
+    window_overlap: int = 0
     # "cosine": from lr down to 0 at the last epoch (set epochs to what fits the time budget).
     schedule: Schedule = "constant"
     warmup_epochs: float = 0.0  # linear warmup from 0 to lr over this many epochs
@@ -151,6 +155,8 @@ class TrainConfig:
             )
         if self.windows not in ("last", "all") or self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"unknown windows {self.windows!r} or schedule {self.schedule!r}")
+        if self.window_overlap < 0:
+            raise ConfigError(f"window_overlap must be >= 0, got {self.window_overlap}")
         if not 0.0 < self.future_decay <= 1.0:
             raise ConfigError(f"future_decay must be in (0, 1], got {self.future_decay}")
         if self.warmup_epochs < 0 or not 0.0 <= self.label_smoothing < 1.0:

@@ -254,6 +254,7 @@ def training_windows(
     *,
     every: bool = False,
     rng: np.random.Generator | None = None,
+    overlap: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Next-item pairs as (inputs, targets), both (W, max_len), targets one step ahead.
 
@@ -262,7 +263,16 @@ def training_windows(
     max_len items apart, the first of them shifted towards the newest window by a random
     offset in [0, max_len) per sequence when rng is given (the cut points then move from epoch
     to epoch and the overlap with the newest window varies).
+
+    With `overlap` > 0 the older windows end max_len - overlap items apart instead, and every
+    target is kept (non-zero) in exactly one window: the oldest one that holds it, where it has
+    the most context. Every kept target then sees at least `overlap` items before it unless it
+    is that close to the start of its sequence. Targets a newer window repeats become 0
+    (padding, which the loss skips), so an epoch still counts each target once.
     """
+    if not 0 <= overlap < max_len:
+        raise ValueError(f"overlap must be in [0, max_len={max_len}), got {overlap}")
+    stride = max_len - overlap
     inputs: list[np.ndarray] = []
     targets: list[np.ndarray] = []
     for seq in sequences:
@@ -271,12 +281,16 @@ def training_windows(
             continue
         ends = [n]
         if every and n - 1 > max_len:
-            shift = int(rng.integers(max_len)) if rng is not None else 0
-            ends.extend(range(n - max_len + shift, 1, -max_len))
-        for end in ends:
+            shift = int(rng.integers(stride)) if rng is not None else 0
+            ends.extend(range(n - stride + shift, 1 + overlap, -stride))
+        for i, end in enumerate(ends):
             start = max(end - max_len, 1)  # first target index of the window
             inputs.append(seq[start - 1 : end - 1])
-            targets.append(seq[start:end])
+            window = seq[start:end]
+            if overlap and i + 1 < len(ends):  # the next older window keeps what it holds
+                window = window.copy()
+                window[: max(ends[i + 1] - start, 0)] = 0
+            targets.append(window)
     return left_pad(inputs, max_len), left_pad(targets, max_len)
 
 

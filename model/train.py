@@ -130,11 +130,14 @@ class _Windows:
         def rng() -> np.random.Generator | None:
             return None if seed is None else np.random.default_rng(seed)
 
-        inputs, targets = training_windows(self.sequences, self.max_len, every=every, rng=rng())
+        overlap = self.cfg.window_overlap
+        inputs, targets = training_windows(
+            self.sequences, self.max_len, every=every, rng=rng(), overlap=overlap
+        )
         if self.times is None:
             return inputs, targets, None
-        times = training_windows(self.times, self.max_len, every=every, rng=rng())[0]
-        return inputs, targets, times
+        times = training_windows(self.times, self.max_len, every=every, rng=rng(), overlap=overlap)
+        return inputs, targets, times[0]
 
     def epoch(self, epoch: int) -> Cut:
         if self.cfg.windows == "last":

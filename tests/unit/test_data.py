@@ -139,6 +139,33 @@ def test_every_window_covers_each_target_of_a_long_history():
     assert short[1].tolist() == [[0, 5, 6]]
 
 
+def test_overlapping_windows_count_each_target_once_with_the_most_context():
+    seq = [np.arange(1, 12)]  # targets 2..11, windows of 3 overlapping by 1
+    inputs, targets = training_windows(seq, 3, every=True, overlap=1)
+    assert targets.tolist() == [[0, 10, 11], [0, 8, 9], [0, 6, 7], [0, 4, 5], [0, 2, 3]]
+    assert inputs.tolist() == [[8, 9, 10], [6, 7, 8], [4, 5, 6], [2, 3, 4], [0, 1, 2]]
+    for seed in range(20):
+        ins, shifted = training_windows(
+            seq, 3, every=True, rng=np.random.default_rng(seed), overlap=1
+        )
+        kept = shifted[shifted > 0].tolist()
+        assert sorted(kept) == list(range(2, 12))  # every target exactly once
+        rows, cols = np.nonzero(shifted)
+        context = np.count_nonzero(ins, axis=1)[rows] - (ins.shape[1] - 1 - cols)
+        # a kept target sees >= 2 items (overlap + the one at its own position) unless it is
+        # the sequence's second or third item
+        assert all(c >= 2 or t <= 3 for c, t in zip(context, shifted[rows, cols], strict=True))
+    with pytest.raises(ValueError, match="overlap"):
+        training_windows(seq, 3, every=True, overlap=3)
+    # overlap 0 is the old cut exactly
+    assert training_windows(seq, 3, every=True, overlap=0)[1].tolist() == [
+        [9, 10, 11],
+        [6, 7, 8],
+        [3, 4, 5],
+        [0, 0, 2],
+    ]
+
+
 def test_length_batches_group_similar_lengths_and_cover_every_row():
     lengths = np.random.default_rng(0).integers(1, 200, size=1000)
     batches = length_batches(lengths, 32, np.random.default_rng(1), pool=8)
