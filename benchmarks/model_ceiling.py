@@ -40,7 +40,9 @@ def export_models(work: Path, bundle: Path | None) -> dict[str, Any]:
 
         b = load_bundle(bundle)
         if b.step is None or b.step_path is None:
-            raise SystemExit(f"{bundle} has no step model (positions='slot' or time-aware)")
+            raise SystemExit(
+                f"{bundle} has no step model (positions='slot', or exported before it could)"
+            )
         return {
             "model": b.model_path,
             "step": b.step_path,

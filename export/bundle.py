@@ -21,16 +21,18 @@ A bundle is a directory:
                     outside them (headless bundles), and adds manifest config `novelty_boost`
                     to the items it adds at run time (stream/itemtable.py).
 
-Models whose positions count from the first item of the window (no time input) also carry the
-incremental pair, declared in the manifest's optional `step` section (see StepSpec):
+Models whose positions count from the first item of the window also carry the incremental
+pair, declared in the manifest's optional `step` section (see StepSpec):
 
-    prefill.onnx    input  item_seq int64 [batch, W] (as model.onnx)
+    prefill.onnx    input  item_seq int64 [batch, W] (as model.onnx)[, time_seq as model.onnx]
                     output scores, hidden (as model.onnx),
                            kv float16 [batch, n_blocks, 2, W, d_model]: per block the
                            keys (0) and values (1) of every slot, aligned with item_seq
     step.onnx       input  item int64 [batch], position int64 [batch] (0-based, < max_len),
                            past_kv float16 [batch, n_blocks, 2, P, d_model] (P >= 1; slots at
-                           and beyond each row's position are ignored)
+                           and beyond each row's position are ignored); a time-aware
+                           model's also time int64 [batch] (the new click's epoch seconds)
+                           and past_time int64 [batch, P] (the cached slots' times)
                     output scores, hidden, new_kv float16 [batch, n_blocks, 2, d_model]
 
 A headless bundle (manifest `config.score_head` false; `export_bundle(score_head=False)`, the

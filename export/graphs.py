@@ -28,7 +28,8 @@ def legacy_export(
     dynamic_axes: Mapping[str, Mapping[int, str]],
     opset: int,
 ) -> Path:
-    """torch.onnx.export with the legacy TorchScript exporter, module in eval mode."""
+    """torch.onnx.export with the legacy TorchScript exporter, module in eval mode; axes of
+    names the graph does not have (a time input of a model without time) are left out."""
     module.eval()
     with warnings.catch_warnings():
         # dynamo=False is chosen on purpose (no onnxscript dependency, a plain static graph);
@@ -45,7 +46,11 @@ def legacy_export(
             str(path),
             input_names=list(input_names),
             output_names=list(output_names),
-            dynamic_axes={name: dict(axes) for name, axes in dynamic_axes.items()},
+            dynamic_axes={
+                name: dict(axes)
+                for name, axes in dynamic_axes.items()
+                if name in input_names or name in output_names
+            },
             opset_version=opset,
             dynamo=False,
         )

@@ -366,9 +366,17 @@ class TimeFeatures(nn.Module):
 
 def log_bucket(seconds: torch.Tensor, buckets: int) -> torch.Tensor:
     """floor(log2(1 + seconds)) capped at buckets - 1: 0 s -> 0, 1 s -> 1, 1 h -> 11, 1 day ->
-    16, 1 year -> 24. int64 in, int64 out; differences are taken in int64 before the cast, so
-    epoch seconds lose no precision."""
-    return torch.log2(seconds.to(torch.float32) + 1.0).floor().long().clamp(0, buckets - 1)
+    16, 1 year -> 24. int64 in, int64 out, exact at every power of two.
+
+    A float log2 alone is not exact: onnxruntime computes it as ln(x) / ln(2), which puts
+    1 + seconds = 2^15 in bucket 14, where PyTorch says 15; and float32 rounds large values
+    up to the next power. So the float guess (off by at most one) is corrected against the
+    int64 powers of two, and the ONNX graph gives PyTorch's buckets exactly."""
+    x = seconds + 1  # (...) int64 >= 1
+    powers = 2 ** torch.arange(buckets + 2, dtype=torch.int64)  # (buckets + 2,) exact
+    guess = torch.log2(x.to(torch.float32)).floor().long().clamp(0, buckets)  # (...)
+    exact = guess + (x >= powers[guess + 1]).long() - (x < powers[guess]).long()
+    return exact.clamp(0, buckets - 1)
 
 
 def build_model(cfg: SASRecConfig) -> SASRec:

@@ -64,11 +64,15 @@ Array = npt.NDArray[Any]
 
 _PREFILL_IO = ({"item_seq"}, ["scores", "hidden", "kv"])
 _STEP_IO = ({"item", "position", "past_kv"}, ["scores", "hidden", "new_kv"])
+# A time-aware bundle's graphs also read click times (epoch seconds): the windows' and, for the
+# step, the new click's and the cached slots' (export/step_export.py).
+_PREFILL_TIME, _STEP_TIME = {"time_seq"}, {"time", "past_time"}
 
 
-def _io(io: tuple[set[str], list[str]], head: bool) -> tuple[set[str], list[str]]:
-    """A headless bundle's graphs have the same inputs and outputs less `scores`."""
-    return io if head else (io[0], io[1][1:])
+def _io(io: tuple[set[str], list[str]], head: bool, times: set[str]) -> tuple[set[str], list[str]]:
+    """A headless bundle's graphs have the same inputs and outputs less `scores`; a
+    time-aware one's have the time inputs too."""
+    return io[0] | times, io[1] if head else io[1][1:]
 
 
 class IncrementalScorer:
@@ -101,8 +105,10 @@ class IncrementalScorer:
         self.ranker: VectorRanker | None = None  # top-k of a headless bundle (make_scorer)
         self._prefill = onnx_session(prefill, threads)
         self._step = onnx_session(step, threads)
-        self._prefill_io = _io(_PREFILL_IO, self.score_head)
-        self._step_io = _io(_STEP_IO, self.score_head)
+        self.uses_time = self.full.uses_time  # model.onnx reads time_seq: so must the pair
+        timed = self.uses_time
+        self._prefill_io = _io(_PREFILL_IO, self.score_head, _PREFILL_TIME if timed else set())
+        self._step_io = _io(_STEP_IO, self.score_head, _STEP_TIME if timed else set())
         _check_io(self._prefill, prefill.name, self._prefill_io)
         _check_io(self._step, step.name, self._step_io)
         self._prefill_trims = window_axis_free(self._prefill)
@@ -134,20 +140,34 @@ class IncrementalScorer:
         self.full.remove_items(item_ids)
 
     # -- the two ONNX calls (tests wrap these to simulate model defects) ----------------------
-    def run_prefill(self, item_seq: IntArray) -> tuple[FloatArray | None, FloatArray, HalfArray]:
-        """(b, W) -> scores (b, N + 1) (None when headless), hidden (b, D), kv (b, nb, 2, W, D);
-        W is max_len, or less when the graph's window axis is free (`_prefill_trims`)."""
-        scores, hidden, kv = self._outputs(self._prefill, self._prefill_io, {"item_seq": item_seq})
+    def run_prefill(
+        self, item_seq: IntArray, time_seq: IntArray | None = None
+    ) -> tuple[FloatArray | None, FloatArray, HalfArray]:
+        """(b, W)[, time_seq (b, W) for a time-aware bundle] -> scores (b, N + 1) (None when
+        headless), hidden (b, D), kv (b, nb, 2, W, D); W is max_len, or less when the graph's
+        window axis is free (`_prefill_trims`)."""
+        feeds: dict[str, Array] = {"item_seq": item_seq}
+        if self.uses_time:
+            feeds["time_seq"] = _required(time_seq)
+        scores, hidden, kv = self._outputs(self._prefill, self._prefill_io, feeds)
         nb, two, d = self.kv_shape
         self._check(scores, hidden, kv, (len(item_seq), nb, two, item_seq.shape[1], d))
         return scores, hidden, kv
 
     def run_step(
-        self, item: IntArray, position: IntArray, past_kv: HalfArray
+        self,
+        item: IntArray,
+        position: IntArray,
+        past_kv: HalfArray,
+        time: IntArray | None = None,
+        past_time: IntArray | None = None,
     ) -> tuple[FloatArray | None, FloatArray, HalfArray]:
-        """item (b,), position (b,), past_kv (b, nb, 2, P, D) -> scores (None when headless),
-        hidden, new_kv (b, nb, 2, D)."""
+        """item (b,), position (b,), past_kv (b, nb, 2, P, D)[, time (b,) and past_time (b, P)
+        epoch seconds for a time-aware bundle] -> scores (None when headless), hidden, new_kv
+        (b, nb, 2, D)."""
         feeds: dict[str, Array] = {"item": item, "position": position, "past_kv": past_kv}
+        if self.uses_time:
+            feeds["time"], feeds["past_time"] = _required(time), _required(past_time)
         scores, hidden, new_kv = self._outputs(self._step, self._step_io, feeds)
         self._check(scores, hidden, new_kv, (len(item), *self.kv_shape))
         return scores, hidden, new_kv
@@ -220,7 +240,13 @@ class IncrementalScorer:
         n0 = self.cache.length[slots]  # (b,) cached positions before this batch
         L = self.max_len
         # Gathered once; a wave's new K/V go here (for the next wave) and to the pool.
-        work = self.cache.gather(slots, max(1, int((n0 + k - 1).max())))  # (b, nb, 2, P, D)
+        P = max(1, int((n0 + k - 1).max()))
+        work = self.cache.gather(slots, P)  # (b, nb, 2, P, D)
+        times = None if inputs.time_seq is None else inputs.time_seq[rows]  # (b, L)
+        past_time = None
+        if times is not None and self.uses_time:  # slot s of a row's window is column L - n + s
+            cols = (L - inputs.lengths[rows])[:, None] + np.arange(P)[None, :]  # (b, P)
+            past_time = np.take_along_axis(times, np.minimum(cols, L - 1), axis=1)  # (b, P)
         self.timings["gather"] += time.perf_counter() - t0
 
         def call(lo: int, hi: int) -> None:
@@ -229,8 +255,13 @@ class IncrementalScorer:
                 t1 = time.perf_counter()
                 b = lo + int((k[lo:hi] > j).sum())  # rows lo:b have a click at wave j
                 positions = n0[lo:b] + j  # (w,)
-                items = inputs.item_seq[rows[lo:b], L - k[lo:b] + j]  # (w,)
-                scores, hidden, new_kv = self.run_step(items, positions, work[lo:b])
+                column = L - k[lo:b] + j  # (w,) the wave's click in the left-padded window
+                items = inputs.item_seq[rows[lo:b], column]  # (w,)
+                click_time = None if times is None else times[np.arange(lo, b), column]
+                past = None if past_time is None else past_time[lo:b]  # slots >= position: unread
+                scores, hidden, new_kv = self.run_step(
+                    items, positions, work[lo:b], click_time, past
+                )
                 t2 = time.perf_counter()
                 more = lo + int((k[lo:hi] > j + 1).sum())  # rows with a later wave
                 work[np.arange(lo, more), :, :, positions[: more - lo]] = new_kv[: more - lo]
@@ -256,14 +287,16 @@ class IncrementalScorer:
             rows = rows[np.argsort(inputs.lengths[rows], kind="stable")]
             chunks = width_chunks(inputs.lengths[rows], self.max_rows)
         item_seq = inputs.item_seq[rows]  # (b, L)
+        time_seq = None if inputs.time_seq is None else inputs.time_seq[rows]  # (b, L)
         L = self.max_len
 
         def call(lo: int, hi: int) -> None:
             t1 = time.perf_counter()
-            seq = item_seq[lo:hi]
+            seq, times = item_seq[lo:hi], None if time_seq is None else time_seq[lo:hi]
             if self._prefill_trims:
-                seq = seq[:, L - max(1, int(inputs.lengths[rows[lo:hi]].max())) :]
-            scores, hidden, kv = self.run_prefill(seq)
+                width = max(1, int(inputs.lengths[rows[lo:hi]].max()))
+                seq, times = seq[:, L - width :], None if times is None else times[:, L - width :]
+            scores, hidden, kv = self.run_prefill(seq, times)
             t2 = time.perf_counter()
             r = rows[lo:hi]
             out.keep(r, scores, hidden)
@@ -295,6 +328,12 @@ class _Outputs:
         if scores is not None:
             self.scores[rows] = scores[skip:]
         self.hidden[rows] = hidden[skip:]
+
+
+def _required(times: IntArray | None) -> IntArray:
+    if times is None:
+        raise ScoringError("this model reads click times: pass them with the items")
+    return times
 
 
 def _in_batch(rows: IntArray, failed: dict[int, ScoringError]) -> dict[int, ScoringError]:

@@ -151,15 +151,15 @@ class PoisonScorer(IncrementalScorer):
 
     poison = -1
 
-    def run_step(self, item, position, past_kv):  # type: ignore[no-untyped-def]
+    def run_step(self, item, position, past_kv, *times):  # type: ignore[no-untyped-def]
         if (item == self.poison).any():
             raise ScoringError(f"cannot step item {self.poison} (simulated)")
-        return super().run_step(item, position, past_kv)
+        return super().run_step(item, position, past_kv, *times)
 
-    def run_prefill(self, item_seq):  # type: ignore[no-untyped-def]
+    def run_prefill(self, item_seq, *times):  # type: ignore[no-untyped-def]
         if (item_seq == self.poison).any():
             raise ScoringError(f"cannot prefill item {self.poison} (simulated)")
-        return super().run_prefill(item_seq)
+        return super().run_prefill(item_seq, *times)
 
 
 def test_a_poison_row_fails_alone_on_the_step_and_on_the_prefill_path(
@@ -234,9 +234,9 @@ def test_calls_cut_to_their_longest_window_give_the_full_width_outputs(
         for name, scorer in (("cut", cut), ("wide", wide)):
             original = scorer.run_prefill
 
-            def spy(item_seq: np.ndarray, run=original, name=name) -> object:
+            def spy(item_seq: np.ndarray, *times: object, run=original, name=name) -> object:
                 seen.append((name, item_seq.shape[1]))
-                return run(item_seq)
+                return run(item_seq, *times)
 
             scorer.run_prefill = spy  # type: ignore[method-assign]
         got = cut.score_sessions(users, sessions, inputs, view)

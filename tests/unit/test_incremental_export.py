@@ -26,7 +26,7 @@ from export.bundle import (
     window_len,
 )
 from export.errors import BundleError, ParityError
-from export.graphs import check_top_k, parity_windows
+from export.graphs import check_top_k, parity_times, parity_windows
 from export.onnx_export import export_bundle, write_arrays
 from export.step_export import (
     STEP_RTOL,
@@ -112,6 +112,63 @@ def test_torch_step_matches_the_full_model_on_every_window(cfg: dict[str, Any], 
         assert check_replay(windows, full, prefill, step, from_empty=from_empty) <= STEP_RTOL
 
 
+def timed_model(**cfg: Any) -> SASRec:
+    """A sharp time-aware model whose time terms matter: relation and session biases of the
+    size of the attention logits (they start at 0 in training)."""
+    model = sharp_model(**{"time_buckets": 28, **cfg})
+    assert model.time is not None
+    with torch.no_grad():
+        model.time.relation_bias.weight.normal_(0.0, 2.0)
+        model.time.session_bias.weight.normal_(0.0, 2.0)
+    return model
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [{"n_heads": 2}, {"norm": "post", "n_blocks": 3}, {"session_gap_s": 60, "time_buckets": 12}],
+)
+@pytest.mark.parametrize("from_empty", [True, False], ids=["from-empty", "after-prefill"])
+def test_time_aware_step_matches_the_full_model_given_the_click_times(
+    cfg: dict[str, Any], from_empty: bool
+) -> None:
+    model = timed_model(**cfg)
+    assert supports_step(model)
+    full, prefill, step = torch_fns(model)
+    for seed in range(2):
+        windows = parity_windows(NUM_ITEMS, model.cfg.max_len, 17, seed)
+        times = parity_times(windows, seed)
+        assert check_replay(windows, full, prefill, step, from_empty=from_empty, times=times) <= (
+            STEP_RTOL
+        )
+
+
+def test_the_replay_catches_a_time_step_fed_other_times() -> None:
+    """The new click's time and the cached slots' times both reach the step: a step that sees
+    them shifted by an hour (intervals unchanged, elapsed buckets too) passes, one that sees
+    the cached slots' times as zero does not."""
+    model = timed_model(n_heads=2)
+    full, prefill, step = torch_fns(model)
+    windows = parity_windows(NUM_ITEMS, model.cfg.max_len, 17)
+    times = parity_times(windows)
+
+    def shifted(item, pos, past, time, past_time):  # type: ignore[no-untyped-def]
+        return step(item, pos, past, time + 3600, past_time + 3600)
+
+    def zero_past(item, pos, past, time, past_time):  # type: ignore[no-untyped-def]
+        return step(item, pos, past, time, np.zeros_like(past_time))
+
+    def no_click_time(item, pos, past, time, past_time):  # type: ignore[no-untyped-def]
+        return step(item, pos, past, past_time[:, 0], past_time)
+
+    assert check_replay(windows, full, prefill, shifted, times=times) <= STEP_RTOL
+    for wrong in (zero_past, no_click_time):
+        with pytest.raises(ParityError):
+            check_replay(windows, full, prefill, wrong, times=times)
+    with pytest.raises(ModelError, match="time-aware"):
+        StepModel(model)(torch.ones(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
+                         torch.zeros(1, 2, 2, 1, 16, dtype=torch.float16))  # fmt: skip
+
+
 def test_the_replay_covers_growth_from_empty_to_max_len_with_mixed_positions() -> None:
     model = sharp_model()
     windows = parity_windows(NUM_ITEMS, model.cfg.max_len, 17)
@@ -154,17 +211,26 @@ def test_slot_position_models_have_no_step_model() -> None:
             wrapper(model)
 
 
-@pytest.mark.parametrize("norm", ["pre", "post"])
-def test_onnx_step_pair_matches_torch_and_the_full_model(tmp_path: Path, norm: str) -> None:
-    model = sharp_model(n_heads=2, norm=norm)
+@pytest.mark.parametrize("variant", ["pre", "post", "time"])
+def test_onnx_step_pair_matches_torch_and_the_full_model(tmp_path: Path, variant: str) -> None:
+    timed = variant == "time"
+    model = timed_model(n_heads=2) if timed else sharp_model(n_heads=2, norm=variant)
     paths = export_step_pair(model, tmp_path)
+    step_inputs = [i.name for i in ort.InferenceSession(str(paths[STEP])).get_inputs()]
+    prefill_inputs = [i.name for i in ort.InferenceSession(str(paths[PREFILL])).get_inputs()]
+    if variant == "time":
+        assert step_inputs == ["item", "position", "past_kv", "time", "past_time"]
+        assert prefill_inputs == ["item_seq", "time_seq"]
+    else:
+        assert step_inputs == ["item", "position", "past_kv"] and prefill_inputs == ["item_seq"]
     diffs = check_step_parity(model, paths[PREFILL], paths[STEP])
     assert diffs["prefill_max_abs_diff"] <= 1e-4
     assert 0 < diffs["step_max_rel_diff"] <= STEP_RTOL
     full = torch_fns(model)[0]
     windows = parity_windows(NUM_ITEMS, model.cfg.max_len, 9, seed=5)
+    times = parity_times(windows, 5) if variant == "time" else None
     onnx_pair = onnx_fns(paths[PREFILL], paths[STEP])
-    assert check_replay(windows, full, *onnx_pair, from_empty=True) <= STEP_RTOL
+    assert check_replay(windows, full, *onnx_pair, from_empty=True, times=times) <= STEP_RTOL
 
 
 def test_onnx_step_follows_the_window_rule_over_long_histories(tmp_path: Path) -> None:

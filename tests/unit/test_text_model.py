@@ -134,6 +134,29 @@ def test_log_buckets_against_hand_values():
     assert log_bucket(seconds, 12).tolist() == [0, 1, 1, 2, 4, 11, 11, 11, 11]
 
 
+def test_log_buckets_are_exact_at_every_power_of_two_in_torch_and_onnxruntime(tmp_path):
+    """1 + seconds just below, at and above each 2^k: float log2 alone misses some of these
+    (onnxruntime's ln(x) / ln(2) put 2^15 in bucket 14), the bucket rule must not."""
+    import onnxruntime as ort
+
+    from export.graphs import legacy_export
+
+    seconds = torch.tensor(
+        [(1 << k) - 1 + d for k in range(45) for d in (-1, 0, 1) if (1 << k) - 1 + d >= 0]
+    )
+    want = [min((s + 1).bit_length() - 1, 27) for s in seconds.tolist()]
+    assert log_bucket(seconds, 28).tolist() == want
+
+    class Buckets(torch.nn.Module):
+        def forward(self, s: torch.Tensor) -> torch.Tensor:
+            return log_bucket(s, 28)
+
+    path = legacy_export(Buckets(), (seconds[:3],), tmp_path / "b.onnx", input_names=["s"],
+                         output_names=["b"], dynamic_axes={"s": {0: "n"}}, opset=17)  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"s": seconds.numpy()})[0].tolist() == want
+
+
 def time_cfg(**kw: object) -> SASRecConfig:
     base: dict[str, object] = dict(
         num_items=N, max_len=L, d_model=D, n_heads=2, dropout=0.0, time_buckets=28
