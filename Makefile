@@ -43,6 +43,7 @@ R := benchmarks/results
 bench: env
 	$(BIN)/python -m benchmarks.pipeline --repeat 3 --out $(R)/pipeline.json
 	$(BIN)/python -m benchmarks.model_ceiling --out $(R)/model_ceiling.json
+	$(BIN)/python -m benchmarks.model_ceiling --time --out $(R)/model_ceiling_time.json
 	$(BIN)/python -m benchmarks.latency --max-rate measure --out $(R)/latency.json
 	$(BIN)/python -m benchmarks.scaling --out $(R)/scaling.json
 	$(BIN)/python -m benchmarks.catalogue --out $(R)/catalogue.json
@@ -61,6 +62,7 @@ bench-quick: env
 	$(BIN)/python -m benchmarks.pipeline --bundle $(Q)/bundle --events 4000 --users 2000 --repeat 2 \
 	  --out $(Q)/pipeline.json
 	$(BIN)/python -m benchmarks.model_ceiling --bundle $(Q)/bundle --short --out $(Q)/model_ceiling.json
+	$(BIN)/python -m benchmarks.model_ceiling --time --short --out $(Q)/model_ceiling_time.json
 	$(BIN)/python -m benchmarks.latency --bundle $(Q)/bundle --max-rate 800 --fractions 0.5 \
 	  --warmup-s 1 --measure-s 3 --pipeline-json $(Q)/pipeline.json --out $(Q)/latency.json
 	$(BIN)/python -m benchmarks.scaling --bundle $(Q)/bundle --sizes 1000,3000 --batches 2 \

@@ -1,9 +1,10 @@
 """Bare model ceiling (issue 8): onnxruntime sequences/s of the full model and the step model.
 
 The model is the issue's d=64, 2-block, L=50 SASRec over a 3,416-item catalogue (random weights:
-the cost does not depend on them), or a given bundle's. Per point: batch 1, 64 and 256 on 1 and
-2 intra-op threads; the full model re-encodes left-padded windows of 50 items, the step model
-adds one item to a cache of `--past` positions (float16). Each point repeats one ONNX call for
+the cost does not depend on them; `--time` for its time-aware variant, 28 buckets), or a given
+bundle's. Time-aware graphs are fed click times (a minute to a day apart). Per point: batch 1,
+64 and 256 on 1 and 2 intra-op threads; the full model re-encodes windows of 50 items, the step
+model adds one item to a cache of `--past` positions (float16). Each point repeats one ONNX call for
 `--seconds` and reports sequences/s (the mean over the run) and µs per call.
 
 Also measured, for the top-k decision: numpy `argpartition` (stream.scoring.top_k, seen items
@@ -33,7 +34,7 @@ TOP_K = 10
 Feeds = dict[str, np.ndarray]
 
 
-def export_models(work: Path, bundle: Path | None) -> dict[str, Any]:
+def export_models(work: Path, bundle: Path | None, with_time: bool = False) -> dict[str, Any]:
     """model.onnx and step.onnx paths and sizes, from a bundle or a random issue-sized model."""
     if bundle is not None:
         from export.bundle import load_bundle
@@ -50,6 +51,7 @@ def export_models(work: Path, bundle: Path | None) -> dict[str, Any]:
             "max_len": b.max_len,
             "n_blocks": b.step.n_blocks,
             "d_model": b.step.d_model,
+            "time": "time_seq" in b.manifest.inputs,
         }
     import torch
 
@@ -59,7 +61,10 @@ def export_models(work: Path, bundle: Path | None) -> dict[str, Any]:
     from model.sasrec import SASRec
 
     torch.manual_seed(0)
-    cfg = SASRecConfig(num_items=3416, max_len=50, d_model=64, n_blocks=2, n_heads=1)
+    cfg = SASRecConfig(
+        num_items=3416, max_len=50, d_model=64, n_blocks=2, n_heads=1,
+        time_buckets=28 if with_time else 0,
+    )  # fmt: skip
     model = SASRec(cfg).eval()
     return {
         "model": export_onnx(model, work / "model.onnx"),
@@ -68,6 +73,7 @@ def export_models(work: Path, bundle: Path | None) -> dict[str, Any]:
         "max_len": cfg.max_len,
         "n_blocks": cfg.n_blocks,
         "d_model": cfg.d_model,
+        "time": with_time,
     }
 
 
@@ -90,13 +96,31 @@ def timed(call: Callable[[], object], batch: int, seconds: float) -> dict[str, f
     return {"seqs_per_s": round(calls * batch / elapsed, 1), "us_per_call": 1e6 * elapsed / calls}
 
 
+def click_times(batch: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """(batch, length) int64 epoch seconds, clicks a minute to a day apart."""
+    gaps = rng.integers(60, 86_400, size=(batch, length))
+    return (1_767_225_600 + np.cumsum(gaps, axis=1)).astype(np.int64)
+
+
+def seq_feeds(m: dict[str, Any], batch: int, rng: np.random.Generator) -> Feeds:
+    L = m["max_len"]
+    feeds = {"item_seq": rng.integers(1, m["num_items"] + 1, size=(batch, L)).astype(np.int64)}
+    if m["time"]:
+        feeds["time_seq"] = click_times(batch, L, rng)
+    return feeds
+
+
 def step_feeds(m: dict[str, Any], batch: int, past: int, rng: np.random.Generator) -> Feeds:
     kv_shape = (batch, m["n_blocks"], 2, max(1, past), m["d_model"])
-    return {
+    feeds = {
         "item": rng.integers(1, m["num_items"] + 1, size=batch).astype(np.int64),
         "position": np.full(batch, past, dtype=np.int64),
         "past_kv": rng.standard_normal(kv_shape).astype(np.float16),
     }
+    if m["time"]:
+        times = click_times(batch, max(1, past) + 1, rng)  # (B, P + 1): the cache's, then new
+        feeds["past_time"], feeds["time"] = times[:, :-1], times[:, -1]
+    return feeds
 
 
 def topk_model(step: Path, num_items: int) -> bytes:
@@ -136,14 +160,14 @@ def topk_model(step: Path, num_items: int) -> bytes:
 
 def measure(m: dict[str, Any], seconds: float, past: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
-    L, N = m["max_len"], m["num_items"]
+    N = m["num_items"]
     out: dict[str, Any] = {"full": {}, "step": {}, "topk": {}}
     fused = topk_model(m["step"], N)
     for threads in (1, 2):
         full, step, step_topk = (session(p, threads) for p in (m["model"], m["step"], fused))
         for batch in (1, 64, 256):
             key = f"threads_{threads}_batch_{batch}"
-            seq = {"item_seq": rng.integers(1, N + 1, size=(batch, L)).astype(np.int64)}
+            seq = seq_feeds(m, batch, rng)
             feeds = step_feeds(m, batch, past, rng)
             seen = rng.integers(1, N + 1, size=(batch, past + 1)).astype(np.int64)
             out["full"][key] = timed(partial(full.run, ["scores"], seq), batch, seconds)
@@ -170,13 +194,14 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, help="a bundle with step.onnx (default: random)")
     parser.add_argument("--seconds", type=float, default=2.0, help="per measured point")
     parser.add_argument("--past", type=int, default=25, help="cached positions for the step")
+    parser.add_argument("--time", action="store_true", help="the time-aware random model")
     parser.add_argument("--short", action="store_true", help="0.2 s per point (harness check)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/model_ceiling.json"))
     args = parser.parse_args()
     seconds = 0.2 if args.short else args.seconds
     load_before = os.getloadavg()[0]  # other work on the box skews every number, 2 threads most
     with tempfile.TemporaryDirectory(prefix="streamrec-ceiling-") as tmp:
-        models = export_models(Path(tmp), args.bundle)
+        models = export_models(Path(tmp), args.bundle, args.time)
         sizes = {k: v for k, v in models.items() if k not in ("model", "step")}
         results = measure(models, seconds, args.past)
     write_result(

@@ -248,7 +248,8 @@ def model_ceiling(r: dict[str, Any]) -> list[str]:
          f"{r['full'][point]['seqs_per_s']:,.0f}", f"{r['step'][point]['seqs_per_s']:,.0f}"]
         for point in r["full"]
     ]  # fmt: skip
-    return ["### Bare model ceiling", "", *_table(["point", "full seq/s", "step seq/s"], rows)]
+    title = "### Bare model ceiling" + (", time-aware model" if r["model"].get("time") else "")
+    return [title, "", *_table(["point", "full seq/s", "step seq/s"], rows)]
 
 
 def recovery(r: dict[str, Any]) -> list[str]:
@@ -267,6 +268,7 @@ def recovery(r: dict[str, Any]) -> list[str]:
 
 RENDER = {
     "model_ceiling.json": model_ceiling,
+    "model_ceiling_time.json": model_ceiling,  # the same, with click times (optional)
     "pipeline.json": pipeline,
     "latency.json": latency,
     "scaling.json": scaling,

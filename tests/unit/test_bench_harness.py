@@ -112,3 +112,20 @@ def test_latency_table_shows_the_cpu_split_and_a_dash_for_older_results() -> Non
     cores = {"processor": 0.93, "producer": 0.41, "broker": 0.38, "listener": 0.05, "other": 0.1}
     assert report._cores(cores) == "0.93 / 0.41 / 0.38 / 0.05 / 0.10"
     assert report._cores(None) == "–"
+
+
+def test_model_ceiling_measures_the_time_aware_pair_with_click_times(tmp_path) -> None:
+    """`model_ceiling --time`: the random time-aware model's full and step graphs are fed click
+    times at every point (a graph missing an input would raise), and the report titles it."""
+    from benchmarks import model_ceiling
+
+    models = model_ceiling.export_models(tmp_path, None, with_time=True)
+    assert models["time"]
+    feeds = model_ceiling.step_feeds(models, 3, 5, np.random.default_rng(0))
+    assert feeds["past_time"].shape == (3, 5) and (feeds["time"] > feeds["past_time"][:, -1]).all()
+    out = model_ceiling.measure(models, 0.01, 5)
+    for part in ("full", "step"):
+        assert set(out[part]) == {f"threads_{t}_batch_{b}" for t in (1, 2) for b in (1, 64, 256)}
+        assert all(point["seqs_per_s"] > 0 for point in out[part].values())
+    lines = report.model_ceiling({**out, "model": {"time": True}})
+    assert lines[0] == "### Bare model ceiling, time-aware model"
