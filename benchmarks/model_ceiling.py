@@ -105,7 +105,7 @@ def click_times(batch: int, length: int, rng: np.random.Generator) -> np.ndarray
 def seq_feeds(m: dict[str, Any], batch: int, rng: np.random.Generator) -> Feeds:
     L = m["max_len"]
     feeds = {"item_seq": rng.integers(1, m["num_items"] + 1, size=(batch, L)).astype(np.int64)}
-    if m.get("time"):  # callers that build m themselves (catalogue) may leave it out
+    if m.get("time"):  # benchmarks.catalogue builds m without the key
         feeds["time_seq"] = click_times(batch, L, rng)
     return feeds
 
@@ -117,7 +117,7 @@ def step_feeds(m: dict[str, Any], batch: int, past: int, rng: np.random.Generato
         "position": np.full(batch, past, dtype=np.int64),
         "past_kv": rng.standard_normal(kv_shape).astype(np.float16),
     }
-    if m.get("time"):  # callers that build m themselves (catalogue) may leave it out
+    if m.get("time"):  # benchmarks.catalogue builds m without the key
         times = click_times(batch, max(1, past) + 1, rng)  # (B, P + 1): the cache's, then new
         feeds["past_time"], feeds["time"] = times[:, :-1], times[:, -1]
     return feeds

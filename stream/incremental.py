@@ -52,6 +52,7 @@ from stream.scoring import (
     full_scores,
     isolate_failures,
     onnx_session,
+    required_times,
     top_k,
     width_chunks,
     window_axis_free,
@@ -148,7 +149,7 @@ class IncrementalScorer:
         window axis is free (`_prefill_trims`)."""
         feeds: dict[str, Array] = {"item_seq": item_seq}
         if self.uses_time:
-            feeds["time_seq"] = _required(time_seq)
+            feeds["time_seq"] = required_times(time_seq, "time_seq")
         scores, hidden, kv = self._outputs(self._prefill, self._prefill_io, feeds)
         nb, two, d = self.kv_shape
         self._check(scores, hidden, kv, (len(item_seq), nb, two, item_seq.shape[1], d))
@@ -159,15 +160,16 @@ class IncrementalScorer:
         item: IntArray,
         position: IntArray,
         past_kv: HalfArray,
-        time: IntArray | None = None,
+        click_time: IntArray | None = None,
         past_time: IntArray | None = None,
     ) -> tuple[FloatArray | None, FloatArray, HalfArray]:
-        """item (b,), position (b,), past_kv (b, nb, 2, P, D)[, time (b,) and past_time (b, P)
-        epoch seconds for a time-aware bundle] -> scores (None when headless), hidden, new_kv
-        (b, nb, 2, D)."""
+        """item (b,), position (b,), past_kv (b, nb, 2, P, D)[, click_time (b,) and past_time
+        (b, P) epoch seconds for a time-aware bundle] -> scores (None when headless), hidden,
+        new_kv (b, nb, 2, D)."""
         feeds: dict[str, Array] = {"item": item, "position": position, "past_kv": past_kv}
         if self.uses_time:
-            feeds["time"], feeds["past_time"] = _required(time), _required(past_time)
+            feeds["time"] = required_times(click_time, "time")
+            feeds["past_time"] = required_times(past_time, "past_time")
         scores, hidden, new_kv = self._outputs(self._step, self._step_io, feeds)
         self._check(scores, hidden, new_kv, (len(item), *self.kv_shape))
         return scores, hidden, new_kv
@@ -328,12 +330,6 @@ class _Outputs:
         if scores is not None:
             self.scores[rows] = scores[skip:]
         self.hidden[rows] = hidden[skip:]
-
-
-def _required(times: IntArray | None) -> IntArray:
-    if times is None:
-        raise ScoringError("this model reads click times: pass them with the items")
-    return times
 
 
 def _in_batch(rows: IntArray, failed: dict[int, ScoringError]) -> dict[int, ScoringError]:

@@ -156,9 +156,7 @@ class OnnxScorer:
             time_seq = None if time_seq is None else time_seq[:, -item_seq.shape[1] :]
         feeds = {"item_seq": item_seq}
         if self.uses_time:
-            if time_seq is None:
-                raise ScoringError("this model reads click times: pass time_seq with item_seq")
-            feeds["time_seq"] = time_seq
+            feeds["time_seq"] = required_times(time_seq, "time_seq")
         try:
             out = self._session.run(self._outputs, feeds)
         except Exception as exc:
@@ -319,6 +317,14 @@ def session_inputs(
         starts,
         left_pad(times, max_len) // 1000 if with_time else None,  # ms -> s; padding stays 0
     )
+
+
+def required_times(times: IntArray | None, name: str) -> IntArray:
+    """The click times a time-aware graph reads as input `name`; ScoringError when the caller
+    has none (never zeros: the model would see one gap for every click)."""
+    if times is None:
+        raise ScoringError(f"this model reads click times: pass {name} with the items")
+    return times
 
 
 def isolate_failures(
