@@ -8,11 +8,19 @@ cost per request; `fetch` reads back what the produce kinds wrote and is also gi
 records. `tailing` holds a produce rate while 0-3 consumers read the topic as it grows. The
 latency benchmark's CPU split showed the broker near one core at a quarter of the max rate;
 this says what its requests cost and what the consumers waiting on it add.
+
+`growth` holds a produce rate of one-record batches for `--growth-seconds` while one consumer
+reads along, and samples every `--growth-every` seconds: the record batches stored so far, the
+broker's cores, its CPU per fetch request (the consumer's librdkafka statistics count them) and
+the consumer's delay. On Tansu 0.6.0 the cost of a fetch grows with the batches the log holds,
+so a broker that has run for a while is slower than a fresh one (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from benchmarks.cpu import CpuMeter
@@ -163,12 +172,76 @@ def tailing(
 TAILING = [(0, 5, 20), (1, 5, 20), (3, 5, 20), (3, 50, 20), (3, 5, 100)]  # tailers, linger, wait
 
 
+def growth(
+    seconds: float, rate: float, every: float, reader: bool = True
+) -> list[dict[str, float]]:
+    """Samples of the broker's cost as its log grows: a client sends `rate` records/s, one
+    record per batch (as a client at linger.ms 0-5 does at low rates), and one consumer reads
+    them as they come (fetch wait 20 ms, the processor's); without `reader` nobody fetches,
+    which separates the produce requests' share. Each value is its send time."""
+    with fresh_topic() as (broker, topic):
+        servers = broker.bootstrap_servers
+        fetches = [0]
+
+        def on_stats(raw: str) -> None:
+            brokers = json.loads(raw).get("brokers", {}).values()
+            fetches[0] = sum(b.get("req", {}).get("Fetch", 0) for b in brokers)
+
+        producer = Producer({"bootstrap.servers": servers, "linger.ms": 0, "batch.num.messages": 1})
+        consumer = Consumer(
+            {"bootstrap.servers": servers, "group.id": "growth", "enable.auto.commit": False,
+             "fetch.wait.max.ms": 20, "statistics.interval.ms": 500, "stats_cb": on_stats}
+        )  # fmt: skip
+        samples: list[dict[str, float]] = []
+        try:
+            if reader:
+                consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+            start = time.monotonic()
+            sent = received = 0
+            delays: list[float] = []
+            meter, window, fetched0 = CpuMeter({"broker": broker.pid}), start, fetches[0]
+            while (now := time.monotonic()) - start < seconds:
+                while sent < (now - start) * rate:
+                    producer.produce(
+                        topic, value=repr(time.time()).encode(), partition=sent % PARTITIONS
+                    )
+                    sent += 1
+                producer.poll(0)
+                for msg in consumer.consume(1000, timeout=0.002) if reader else ():
+                    if msg.error() is None:
+                        received += 1
+                        delays.append(time.time() - float(msg.value() or b"nan"))
+                if now - window >= every:
+                    cores = meter.cores()
+                    requests, span = fetches[0] - fetched0, now - window
+                    samples.append({
+                        "seconds": now - start, "batches_stored": sent, "received": received,
+                        "broker_cores": cores["broker"], "steal": cores["steal"],
+                        "fetches_per_s": requests / span,
+                        "broker_ms_per_fetch": 1000 * cores["broker"] * span / max(requests, 1),
+                        "delay_ms_p50": 1000 * float(np.median(delays)) if delays else math.nan,
+                    })  # fmt: skip
+                    meter, window, fetched0, delays = (
+                        CpuMeter({"broker": broker.pid}),
+                        now,
+                        fetches[0],
+                        [],
+                    )
+        finally:
+            consumer.close()
+            producer.flush(5)
+    return samples
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/broker_cost.json"))
     parser.add_argument("--seconds", type=float, default=5.0, help="per request kind")
     parser.add_argument("--batch-sizes", default="1,20,200", help="records per produce+flush")
     parser.add_argument("--tail-rate", type=float, default=3800.0, help="records/s, tailing runs")
+    parser.add_argument("--growth-seconds", type=float, default=60.0)
+    parser.add_argument("--growth-every", type=float, default=5.0)
+    parser.add_argument("--growth-rate", type=float, default=1000.0, help="one-record batches/s")
     args = parser.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     kinds = run(args.seconds, sizes)
@@ -179,7 +252,19 @@ def main() -> int:
     for row in tails:
         print(f"{row['tailers']} tailing (fetch wait {row['fetch_wait_ms']} ms), producer "
               f"linger {row['linger_ms']} ms: broker {row['broker_cores']:.2f} cores")  # fmt: skip
-    result = {**run_metadata(), "seconds": args.seconds, "kinds": kinds, "tailing": tails}
+    grown = growth(args.growth_seconds, args.growth_rate, args.growth_every)
+    alone = growth(args.growth_seconds, args.growth_rate, args.growth_every, reader=False)
+    for row in grown:
+        print(f"{row['batches_stored']:.0f} batches stored: broker {row['broker_cores']:.2f} "
+              f"cores, {row['broker_ms_per_fetch']:.2f} ms per fetch, consumer delay p50 "
+              f"{row['delay_ms_p50']:.0f} ms")  # fmt: skip
+    result = {
+        **run_metadata(), "seconds": args.seconds, "kinds": kinds, "tailing": tails,
+        "growth": {
+            "rate": args.growth_rate, "partitions": PARTITIONS, "samples": grown,
+            "produce_only": alone,  # the same sends with no reader: the produce requests' share
+        },
+    }  # fmt: skip
     write_result(args.out, result)
     return 0
 

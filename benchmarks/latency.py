@@ -28,7 +28,8 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,88 @@ def summarise(level: dict[str, Any], rows: np.ndarray, processor: ProbedProcesso
     )
 
 
+class Stack:
+    """A broker, a processor (in this process, on a thread) and a listener (spawned) for one
+    or more levels. `fresh(dir)` gives the stack a level runs on: a new one (broker, topics,
+    processor state, listener) with --broker-per-level, else this one, started on first use
+    and kept. When a stack is left, each level run on it gets its percentiles."""
+
+    settings: ProcessorSettings  # of the latest stack started
+
+    def __init__(self, args: argparse.Namespace, bundle: Path, work: Path) -> None:
+        self.args, self.bundle, self.work = args, bundle, work
+        self.running: ExitStack | None = None  # what start() opened, closed in reverse
+        self.levels: list[dict[str, Any]] = []
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.running is None:
+            return
+        self.running.close()
+        if self.levels:
+            rows = np.load(self.rows_path)
+            for level in self.levels:
+                summarise(level, rows, self.processor)
+
+    @contextmanager
+    def fresh(self, work: Path) -> Iterator[Stack]:
+        if self.args.broker_per_level:
+            with Stack(self.args, self.bundle, work) as stack:
+                yield stack.start()
+            self.settings = stack.settings
+        else:
+            yield self if self.running is not None else self.start()
+
+    def start(self) -> Stack:
+        args, ctx = self.args, mp.get_context("spawn")
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.running = running = ExitStack()
+        self.broker = running.enter_context(EmbeddedBroker())
+        kafka = KafkaSettings(bootstrap_servers=self.broker.bootstrap_servers)
+        if args.fetch_wait_ms is not None:
+            kafka = kafka.model_copy(update={"fetch_wait_max_ms": args.fetch_wait_ms})
+        self.topics = TopicSettings(partitions=PARTITIONS)
+        create_topics(kafka, self.topics)
+        overrides = {} if args.batch_max is None else {"batch_max": args.batch_max}
+        self.settings = ProcessorSettings(
+            kafka=kafka, topics=self.topics, bundle=self.bundle, state_dir=self.work / "state",
+            log_every_s=3600, metrics_addr="", **overrides,
+        )  # fmt: skip
+        self.processor = ProbedProcessor(self.settings)
+        thread = threading.Thread(target=self.processor.run)
+        thread.start()
+        running.callback(thread.join)
+        running.callback(self.processor.stop)
+        stop, self.rows_path = ctx.Event(), str(self.work / "arrivals.npy")
+        listener = ctx.Process(
+            target=_listen,
+            args=(self.broker.bootstrap_servers, self.topics.recs, args.listener_fetch_wait_ms,
+                  stop, self.rows_path),
+        )  # fmt: skip
+        listener.start()
+        running.callback(listener.join, 60)
+        running.callback(stop.set)
+        running.callback(time.sleep, 1.0)  # first, let the last outputs arrive
+        self.sent = [prime(kafka, self.topics, self.processor, Source(args.source))]
+        self.pids = {
+            "processor": os.getpid(), "broker": self.broker.pid, "listener": listener.pid or 0,
+        }  # fmt: skip
+        return self
+
+    def level(
+        self, rate: float, warmup_s: float, measure_s: float, source: Source
+    ) -> dict[str, Any]:
+        level = run_level(
+            self.broker.bootstrap_servers, self.topics, self.processor, rate, warmup_s,
+            measure_s, source, self.sent, pids=self.pids,
+        )  # fmt: skip
+        level["broker_pid"] = self.broker.pid  # which broker it ran on (one per level, or shared)
+        self.levels.append(level)
+        return level
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
@@ -268,65 +351,37 @@ def main() -> int:
     parser.add_argument(
         "--pipeline-json", type=Path, default=Path("benchmarks/results/pipeline.json")
     )
+    parser.add_argument(
+        "--broker-per-level",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start each level on a fresh embedded broker, processor and listener (default); "
+        "Tansu's fetches get dearer as its log grows, so a shared broker makes later levels pay "
+        "for earlier ones",
+    )
     args = parser.parse_args()
     pipeline = json.loads(args.pipeline_json.read_text())
     drain_rate = float(pipeline["end_to_end"]["events_per_s"])
     levels: list[dict[str, Any]] = []
     saturation: dict[str, Any] | None = None
-    ctx = mp.get_context("spawn")
     load_before = os.getloadavg()
-    with (
-        tempfile.TemporaryDirectory() as work,
-        EmbeddedBroker() as broker,
-        tempfile.TemporaryDirectory() as state,
-    ):
+    source = Source(args.source, args.producer_linger_ms)
+    with tempfile.TemporaryDirectory() as work:
         bundle = ensure_bundle(Path(work), args.bundle, args.train_seconds)
-        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
-        if args.fetch_wait_ms is not None:
-            kafka = kafka.model_copy(update={"fetch_wait_max_ms": args.fetch_wait_ms})
-        topics = TopicSettings(partitions=PARTITIONS)
-        create_topics(kafka, topics)
-        overrides = {} if args.batch_max is None else {"batch_max": args.batch_max}
-        settings = ProcessorSettings(
-            kafka=kafka, topics=topics, bundle=bundle, state_dir=Path(state),
-            log_every_s=3600, metrics_addr="", **overrides,
-        )  # fmt: skip
-        processor = ProbedProcessor(settings)
-        thread = threading.Thread(target=processor.run)
-        thread.start()
-        stop, rows_path = ctx.Event(), str(Path(work) / "arrivals.npy")
-        listener = ctx.Process(
-            target=_listen,
-            args=(broker.bootstrap_servers, topics.recs, args.listener_fetch_wait_ms, stop,
-                  rows_path),
-        )  # fmt: skip
-        listener.start()
-        source = Source(args.source, args.producer_linger_ms)
-        sent = [prime(kafka, topics, processor, source)]
-        level_args = (broker.bootstrap_servers, topics, processor)
-        pids = {"processor": os.getpid(), "broker": broker.pid, "listener": listener.pid or 0}
-        try:
+        with Stack(args, bundle, Path(work) / "shared") as shared:
             if args.max_rate == "measure":
-                saturation = run_level(*level_args, drain_rate, 3.0, 10.0, source, sent, pids=pids)
+                with shared.fresh(Path(work) / "saturation") as stack:
+                    saturation = stack.level(drain_rate, 3.0, 10.0, source)
                 max_rate = float(saturation["processed_events_per_s"])
             else:
                 max_rate = drain_rate if args.max_rate is None else float(args.max_rate)
-            for fraction in (float(f) for f in args.fractions.split(",")):
-                level = run_level(
-                    *level_args, fraction * max_rate, args.warmup_s, args.measure_s,
-                    source, sent, pids=pids,
-                )  # fmt: skip
+            for i, fraction in enumerate(float(f) for f in args.fractions.split(",")):
+                with shared.fresh(Path(work) / f"level{i}") as stack:
+                    level = stack.level(fraction * max_rate, args.warmup_s, args.measure_s, source)
                 level["fraction_of_max"] = fraction
                 levels.append(level)
-            time.sleep(1.0)  # let the last outputs arrive
-        finally:
-            stop.set()
-            listener.join(60)
-            processor.stop()
-            thread.join()
-        rows = np.load(rows_path)
+        settings = shared.settings
     for level in [saturation, *levels] if saturation else levels:
-        summarise(level, rows, processor)
         print(json.dumps(level), flush=True)
     result = {
         **run_metadata(),
@@ -338,6 +393,9 @@ def main() -> int:
         "processor_batch_max": settings.batch_max,
         "producer_linger_ms": args.producer_linger_ms,
         "listener_fetch_wait_max_ms": args.listener_fetch_wait_ms,
+        # A fresh broker (and processor, listener) for every level, or one for all of them:
+        # the embedded broker's fetches get dearer as its log grows (BENCHMARKS.md).
+        "broker_per_level": args.broker_per_level,
         "warmup_s": args.warmup_s,
         "measure_s": args.measure_s,
         "loadavg_before": load_before,  # the box is shared: other work skews every figure

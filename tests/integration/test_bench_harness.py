@@ -34,20 +34,32 @@ def _keys(path: Path, name: str) -> dict:
 
 
 @pytest.mark.slow
-def test_latency_module_measures_a_level_and_its_legs(
-    bundle_dir: Path, synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("per_level", [True, False], ids=["broker-per-level", "shared-broker"])
+def test_latency_module_measures_each_level_and_its_legs(
+    bundle_dir: Path,
+    synthetic_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    per_level: bool,
 ) -> None:
     out, drain = tmp_path / "latency.json", tmp_path / "pipeline.json"
     drain.write_text(json.dumps({"end_to_end": {"events_per_s": 300.0}}))
     argv = ["--bundle", str(bundle_dir), "--source", str(synthetic_dir), "--max-rate", "300",
-            "--fractions", "0.5", "--warmup-s", "1", "--measure-s", "2",
-            "--pipeline-json", str(drain), "--out", str(out)]  # fmt: skip
+            "--fractions", "0.25,0.5", "--warmup-s", "1", "--measure-s", "2",
+            "--pipeline-json", str(drain), "--out", str(out),
+            "--broker-per-level" if per_level else "--no-broker-per-level"]  # fmt: skip
     _run(latency, monkeypatch, argv)
-    level = _keys(out, "latency.json")["levels"][0]
-    assert level["end_to_end_ms"]["n"] > 0
-    # The legs of one record add up: event -> generated -> arrival.
-    assert level["end_to_end_ms"]["p50"] >= level["event_to_generated_ms"]["p50"]
-    assert level["batch_size"]["n"] > 0
+    result = _keys(out, "latency.json")
+    assert result["broker_per_level"] is per_level
+    # Every level has its own window of outputs, whether its stack is fresh or shared.
+    assert [level["fraction_of_max"] for level in result["levels"]] == [0.25, 0.5]
+    brokers = {level["broker_pid"] for level in result["levels"]}
+    assert len(brokers) == (2 if per_level else 1)
+    for level in result["levels"]:
+        assert level["end_to_end_ms"]["n"] > 0
+        # The legs of one record add up: event -> generated -> arrival.
+        assert level["end_to_end_ms"]["p50"] >= level["event_to_generated_ms"]["p50"]
+        assert level["batch_size"]["n"] > 0
 
 
 @pytest.mark.slow
@@ -111,11 +123,9 @@ def test_broker_cost_times_each_request_kind(
     from benchmarks import broker_cost
 
     out = tmp_path / "broker_cost.json"
-    _run(
-        broker_cost,
-        monkeypatch,
-        ["--seconds", "0.3", "--batch-sizes", "1,5", "--tail-rate", "500", "--out", str(out)],
-    )
+    argv = ["--seconds", "0.3", "--batch-sizes", "1,5", "--tail-rate", "500", "--out", str(out),
+            "--growth-seconds", "1.2", "--growth-every", "0.5", "--growth-rate", "200"]  # fmt: skip
+    _run(broker_cost, monkeypatch, argv)
     result = json.loads(out.read_text())
     kinds = result["kinds"]
     assert [(r["tailers"], r["linger_ms"], r["fetch_wait_ms"]) for r in result["tailing"]] == [
@@ -124,6 +134,13 @@ def test_broker_cost_times_each_request_kind(
     assert all(r["records_per_s"] > 0 and r["broker_cores"] >= 0 for r in result["tailing"])
     assert set(kinds) == {"produce_1_flush", "produce_5_flush", "commit_sync", "fetch"}
     assert kinds["fetch"]["records_per_s"] > 0  # it reads back what the produce kinds wrote
+    growth = result["growth"]
+    for samples, reads in ((growth["samples"], True), (growth["produce_only"], False)):
+        assert len(samples) == 2  # one per 0.5 s of the 1.2 s
+        stored = [s["batches_stored"] for s in samples]
+        assert stored == sorted(stored) and stored[0] > 0  # the log grows
+        assert all((s["received"] > 0) is reads for s in samples)
+        assert all((s["fetches_per_s"] > 0) is reads for s in samples)
     for row in kinds.values():
         assert row["per_s"] > 0 and row["broker_cores"] >= 0
         assert row["broker_ms_per_request"] == pytest.approx(

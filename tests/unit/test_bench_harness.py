@@ -114,6 +114,16 @@ def test_latency_table_shows_the_cpu_split_and_a_dash_for_older_results() -> Non
     assert report._cores(None) == "–"
 
 
+def test_latency_table_says_whether_levels_shared_a_broker() -> None:
+    level = {"fraction_of_max": 0.5, "processed_events_per_s": 10.0, "batch_size": {"mean": 3},
+             "end_to_end_ms": {"p50": 1, "p95": 2, "p99": 3, "max": 4},
+             "processor_busy_fraction": 0.5, "produce_to_poll_ms": {}, "event_to_generated_ms": {},
+             "generated_to_arrival_ms": {}}  # fmt: skip
+    result = {"max_rate_events_per_s": 20.0, "max_rate_source": "measure", "levels": [level]}
+    assert "fresh broker" in report.latency({**result, "broker_per_level": True})[-1]
+    assert "one broker" in report.latency(result)[-1]  # older results: no key
+
+
 def test_model_ceiling_measures_the_time_aware_pair_with_click_times(tmp_path) -> None:
     """`model_ceiling --time`: the random time-aware model's full and step graphs are fed click
     times at every point (a graph missing an input would raise), and the report titles it."""
