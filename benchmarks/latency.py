@@ -3,10 +3,11 @@
 One in-process processor (as benchmarks/pipeline.py: 1 onnxruntime thread, no metrics server)
 runs on a fresh embedded broker; by default every level (and the max-rate step) gets its own
 broker, processor and listener (`Stack`), because Tansu's fetches get dearer with every record
-batch it stores and a shared broker makes later levels pay for earlier ones. For each load level (25 / 50 / 75 % of the max rate: --max-rate,
-by default pipeline.json's end_to_end.events_per_s, a drain rate with no live producer; with
-`--max-rate measure`, the processed rate while a producer offers that drain rate, i.e. the
-saturation throughput with a live producer on the same box) a producer process (spawned, so it
+batch it stores and a shared broker makes later levels pay for earlier ones. For each load
+level (25 / 50 / 75 % of the max rate: --max-rate, by default pipeline.json's
+end_to_end.events_per_s, a drain rate with no live producer; with `--max-rate measure`, the
+processed rate while a producer offers that drain rate, i.e. the saturation throughput with a
+live producer on the same box) a producer process (spawned, so it
 does not share the processor's GIL) replays the synthetic clicks, cycled, at the target rate,
 re-stamping each event's ts at send time. A listener process (spawned too) assigned to every
 recs partition stamps each record's arrival the moment its poll returns and keeps arrival −

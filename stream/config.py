@@ -181,6 +181,10 @@ class ProcessorSettings(BaseSettings):
     reload_check_s: float = 2.0
     # /livez fails when the loop has not turned for this long (a stuck poll or scoring call).
     liveness_timeout_s: float = 60.0
+    # Warn (log + streamrec_errors_total{kind="stalled"}) when records wait on the assigned
+    # partitions but no fetch has brought one for this long: the embedded broker's empty
+    # fetches far behind a long log of small batches (README, embedded broker limits).
+    stall_warn_s: float = Field(default=30.0, gt=0)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from stream.incremental import kv_cache_of, make_scorer, release_kv
 from stream.itemtable import ItemTable
 from stream.kafka.admin import partition_count
 from stream.kafka.clients import DeliveryTracker, commit_offsets, make_consumer, make_producer
-from stream.kafka.lag import LagTracker
+from stream.kafka.lag import LagTracker, StallWatch
 from stream.metrics import ProcessorMetrics
 from stream.ops import Health, OpsServer
 from stream.recommend import Recommended, recommend, recommendation_record
@@ -102,6 +102,7 @@ class Processor:
         self.delivery = DeliveryTracker(make_producer(settings.kafka, **producer_conf))
         self.changelog = ChangelogWriter(changelog_topic(settings.group), self.delivery)
         self.lag = LagTracker(self.consumer, self.metrics)
+        self.stall = StallWatch(settings.stall_warn_s)
         self.assignment = Assignment(
             settings.kafka, self.changelog.topic, self.store, self.lag, self.metrics, self.health
         )
@@ -192,6 +193,7 @@ class Processor:
                     self.process_batch(msgs)
                 if self.lag.maybe_update():
                     self.metrics.sessions.set(self.store.approx_sessions())
+                self._check_stall(len(msgs))
                 self._maybe_log()
         except Exception:
             self.metrics.errors.labels("fatal").inc()
@@ -211,6 +213,21 @@ class Processor:
             return []
         rest = self.consumer.consume(self.settings.batch_max - 1, timeout=0)
         return [first, *rest]
+
+    def _check_stall(self, consumed: int) -> None:
+        stalled = self.stall.observe(consumed, self.lag.total, time.monotonic())
+        if stalled is None:
+            return
+        self.metrics.errors.labels("stalled").inc()
+        logger.warning(
+            "no record fetched for %.0f s while %d wait on the assigned partitions (lag from "
+            "fetch responses). On the embedded Tansu broker a consumer far behind on a log of "
+            "many small batches gets only empty fetches at a short fetch.wait.max.ms (README, "
+            "embedded broker limits): restart with STREAMREC_KAFKA__FETCH_WAIT_MAX_MS=500 to "
+            "drain the backlog, or use a fresh broker",
+            stalled,
+            self.lag.total,
+        )
 
     def close(self) -> None:
         self.health.stopping = True

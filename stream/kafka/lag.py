@@ -132,3 +132,28 @@ class LagTracker:
             self.by_partition[(topic, partition)] = lag
             self._metrics.set_lag(topic, partition, lag)
         return True
+
+
+class StallWatch:
+    """Says when to warn that the consumer is stalled: records wait (lag > 0) but no poll has
+    returned one for `after_s`, then again every `after_s` while it lasts.
+
+    On the embedded broker a consumer far behind on a log of many small batches gets empty
+    fetches at a short fetch.wait.max.ms, for good (README, embedded broker limits); the lag
+    from fetch responses still shows the waiting records, so this sees it."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._flowing: float | None = None  # last time records came or none waited
+        self._warned = -float("inf")
+
+    def observe(self, consumed: int, lag: int, now: float) -> float | None:
+        """After each poll: the seconds stalled when a warning is due, else None."""
+        if self._flowing is None or consumed > 0 or lag <= 0:
+            self._flowing = now
+            return None
+        stalled = now - self._flowing
+        if stalled < self.after_s or now - self._warned < self.after_s:
+            return None
+        self._warned = now
+        return stalled
