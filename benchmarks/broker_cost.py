@@ -221,12 +221,8 @@ def growth(
                         "broker_ms_per_fetch": 1000 * cores["broker"] * span / max(requests, 1),
                         "delay_ms_p50": 1000 * float(np.median(delays)) if delays else math.nan,
                     })  # fmt: skip
-                    meter, window, fetched0, delays = (
-                        CpuMeter({"broker": broker.pid}),
-                        now,
-                        fetches[0],
-                        [],
-                    )
+                    meter.start()
+                    window, fetched0, delays = now, fetches[0], []
         finally:
             consumer.close()
             producer.flush(5)
