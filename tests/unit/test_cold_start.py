@@ -197,3 +197,35 @@ def test_versus_compares_two_models_case_by_case_on_each_split():
     assert out["test"]["hr@10"]["lo95"] > 0  # the oracle surely beats ties ranked last
     same = versus((flat, 4), (flat, 4), {"test": ds})["test"]["hr@10"]
     assert same["diff"] == 0.0 and same["lo95"] == 0.0
+
+
+def test_pool_joins_every_seed_s_cold_cases_of_the_named_model():
+    from benchmarks.eval_cold import pool
+
+    hit, miss = np.array([0, 1]), np.array([50, 60])  # ranks: in the top 10, far out
+    seed0 = {"text": {"valid": (hit, miss), "test": (hit, hit)}, "other": {}}
+    seed1 = {"text": {"valid": (miss, miss), "test": (np.array([0]), np.array([70]))}}
+    out = pool([seed0, seed1, {}], "text")  # a run without the model adds nothing
+    assert out["seeds"] == 2 and out["model"] == "text"
+    valid, test = out["vs_text_knn"]["valid"]["hr@10"], out["vs_text_knn"]["test"]["hr@10"]
+    assert valid["cases"] == 4 and valid["diff"] == pytest.approx(0.5)  # 2 of 4 cases gained
+    assert test["cases"] == 3 and test["diff"] == pytest.approx(1 / 3)
+
+
+def test_seed_summary_keeps_each_row_s_headline_and_the_boost():
+    from benchmarks.eval_cold import seed_summary
+
+    m = {"hr@10": 0.3, "ndcg@10": 0.2, "mrr": 0.1}
+    result = {
+        "held_out_items": 5,
+        "cases": {"cold": {"test": 2}},
+        "rows": [
+            {"model": "text-kNN", "cold": {"test": m}, "warm": {"test": m}, "config": {}},
+            {"model": "text", "cold": {"test": m}, "warm": {"test": m}, "boost_value": 0.1},
+        ],
+    }
+    out = seed_summary(result, 3)
+    assert out["seed"] == 3 and out["held_out_items"] == 5
+    assert set(out["rows"][0]) == {"model", "cold", "warm"}  # no config
+    assert out["rows"][0]["cold"]["test"] == {"hr@10": 0.3, "ndcg@10": 0.2}  # no mrr
+    assert out["rows"][1]["boost_value"] == 0.1

@@ -6,7 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.eval_report import _target_lines, render_time, time_verdict
+from benchmarks.eval_report import (
+    _seed_lines,
+    _target_lines,
+    cold_verdict,
+    render_time,
+    time_verdict,
+)
 
 
 def _report(hr: float, ndcg: float, seconds: float = 1610.0) -> dict[str, Any]:
@@ -92,3 +98,49 @@ def test_time_block_lists_each_seed_with_its_interval_and_the_mean() -> None:
     }
     text = render_time(report, Path("eval_time.json"), None)
     assert "(seed 42, `sasrec-x`)" in text and "2.0e-09 on test, 0.0e+00 on valid" in text
+
+
+def _boot(diff: float, half: float = 0.01, cases: float = 650.0) -> dict[str, float]:
+    return {"diff": diff, "lo95": diff - half, "hi95": diff + half, "p_a_ahead": 0.5,
+            "cases": cases}  # fmt: skip
+
+
+def _pooled(valid: float, test: float) -> dict[str, dict[str, dict[str, float]]]:
+    return {s: {m: _boot(d) for m in ("hr@10", "ndcg@10")} for s, d in (("valid", valid),
+            ("test", test))}  # fmt: skip
+
+
+def test_cold_verdict_needs_every_pooled_interval_on_one_side() -> None:
+    assert cold_verdict(_pooled(0.02, 0.03)).startswith("above")
+    assert cold_verdict(_pooled(-0.02, -0.03)).startswith("behind")
+    assert "(2 of 4 above 0, 0 below 0)" in cold_verdict(_pooled(0.005, 0.03))
+    assert cold_verdict(_pooled(0.005, 0.03)).startswith("not shown above")
+
+
+def test_cold_seed_block_lists_each_seed_and_the_pooled_verdict() -> None:
+    def rows(text_ndcg: float) -> list[dict[str, Any]]:
+        m = {"hr@10": 0.05, "ndcg@10": 0.025}
+        return [
+            {"model": "text-kNN (session)", "cold": {"test": m}, "warm": {"test": m}},
+            {"model": "SASRec (ID only)", "cold": {"test": m}, "warm": {"test": m}},
+            {
+                "model": "head",
+                "boost_value": 0.1,
+                "warm": {"test": m},
+                "cold": {"test": {"hr@10": 0.06, "ndcg@10": text_ndcg}},
+            },
+        ]
+
+    seeds = {
+        "per_seed": [
+            {"seed": s, "cases": {"cold": {"test": 640 + s}}, "rows": rows(0.03 + s / 100)}
+            for s in (0, 1)
+        ],
+        "pooled": {"model": "head", "seeds": 2, "vs_text_knn": _pooled(0.02, 0.03)},
+    }
+    text = "\n".join(_seed_lines(seeds))
+    assert "**2 split seeds**" in text
+    assert "| 1 | 641 | 0.1 | 0.0600 / 0.0400 | 0.0500 / 0.0250 | 0.0250 / 0.0250 |" in text
+    assert "valid HR@10 +0.0200 [+0.0100, +0.0300], ahead in 50% (650 cases)" in text
+    assert "Verdict, above text-kNN on cold items: above" in text
+    assert _seed_lines(None) == []  # a single-seed run prints no seed block
