@@ -14,6 +14,15 @@ A text-aware bundle carries, besides the files of export/bundle.py:
 
 and names the rule its item texts were built with in `manifest.config["text_format"]`.
 
+A model trained with item features (`manifest.config["item_features"]` true) reads, besides
+the text embedding, a few features parsed from the same item text (`item_features` below:
+the release-year bucket of the title's "(YYYY)" and the genres, over the genre vocabulary in
+`manifest.config["feature_genres"]`). Its text projection then takes [text_emb, features]
+(TEXT_DIM + feature_dim rows), and it may also carry
+
+    text_bias.npy      float32 [TEXT_DIM + F + 1]  a score bias of an item without a trained
+                                               ID: [text_emb, features] @ w[:-1] + w[-1]
+
 The text encoder itself (`streamrec export-text-encoder`, export/text_encoder.py) is a
 directory read by stream/text.py:
 
@@ -28,6 +37,9 @@ directory read by stream/text.py:
 
 from __future__ import annotations
 
+import bisect
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -37,6 +49,10 @@ MAX_TOKENS: Final = 128  # truncation, as in the model's tokenizer.json
 TEXT_PROJ_W: Final = "text_proj_w.npy"
 TEXT_PROJ_B: Final = "text_proj_b.npy"
 ITEM_TEXT_EMB: Final = "item_text_emb.npy"
+TEXT_BIAS: Final = "text_bias.npy"
+# Release-year buckets of item_features: [< 1950], [1950, 1960), ..., [1999, 2000), [>= 2000].
+# Fine where most clicks are (recent releases), coarse for the old catalogue.
+YEAR_EDGES: Final = (1950, 1960, 1970, 1980, 1985, 1990, 1993, 1995, 1996, 1997, 1998, 1999, 2000)
 # Where `streamrec export-text-encoder` writes by default and the processor looks by default:
 # a derived artifact (90 MB), never inside the repository.
 DEFAULT_ENCODER_DIR: Final = Path.home() / ".cache" / "streamrec" / "text-encoder"
@@ -56,3 +72,43 @@ def item_text(title: str, genres: str = "") -> str:
     names = [g.strip() for g in genres.split("|") if g.strip()]
     title = title.strip()
     return f"{title}. Genres: {', '.join(names)}" if names else title
+
+
+def _genres_of(text: str) -> list[str]:
+    _, sep, tail = text.rpartition(". Genres: ")
+    return [g.strip() for g in tail.split(",") if g.strip()] if sep else []
+
+
+def _year_of(text: str) -> int | None:
+    """The last "(YYYY)" of the title part, if any (titles may hold other parentheses)."""
+    title = text.rpartition(". Genres: ")[0] or text
+    found = [int(m) for m in re.findall(r"\((\d{4})\)", title)]
+    return found[-1] if found else None
+
+
+def genre_vocabulary(texts: Sequence[str]) -> tuple[str, ...]:
+    """The sorted genres named by item texts: the feature vocabulary of a training catalogue."""
+    return tuple(sorted({g for text in texts for g in _genres_of(text)}))
+
+
+def feature_dim(genres: Sequence[str]) -> int:
+    return len(YEAR_EDGES) + 1 + len(genres)
+
+
+def item_features(text: str, genres: Sequence[str]) -> list[float]:
+    """Features parsed from an item text (`item_text`'s rule): a one-hot release-year bucket
+    (all zero without a year) and a multi-hot over `genres` (a genre outside it is ignored).
+
+    >>> f = item_features("Toy Story (1995). Genres: Comedy, Animation", ("Animation", "Drama"))
+    >>> [i for i, v in enumerate(f) if v]  # the bucket [1995, 1996), then "Animation"
+    [8, 14]
+    """
+    out = [0.0] * feature_dim(genres)
+    year = _year_of(text)
+    if year is not None:
+        out[bisect.bisect_right(YEAR_EDGES, year)] = 1.0
+    slot = {g: len(YEAR_EDGES) + 1 + i for i, g in enumerate(genres)}
+    for genre in _genres_of(text):
+        if genre in slot:
+            out[slot[genre]] = 1.0
+    return out

@@ -64,6 +64,15 @@ class SASRecConfig:
     # a new item with only a title can reach the top k at all. A product knob, the exposure new
     # items get; make eval picks it on validation under a cap on what it costs known items.
     novelty_boost: float = 0.0
+    # Text-aware only: items also read features parsed from their text (export/item_text.py
+    # item_features: release-year bucket, genres over `feature_genres`, which training fills
+    # from the catalogue when empty). They join the text embedding as the projection's input.
+    item_features: bool = False
+    feature_genres: tuple[str, ...] = ()
+    # Text-aware only: items without a trained ID also get a learned score bias from their
+    # [text, features] (trained with ID dropout like the projection): a per-item prior, e.g.
+    # that a new release is clicked more than an old film, which a dot product cannot say.
+    text_bias: bool = False
     # Time-aware (model/sasrec.py TimeFeatures): 0 = no time input. Otherwise the number of
     # log2 buckets for the interval to the previous click (input embedding) and for the time
     # between a query click and each earlier click (a learned attention bias per head).
@@ -92,6 +101,8 @@ class SASRecConfig:
                 f"novelty_boost must be finite and needs a text-aware model (text_dim > 0), got "
                 f"{self.novelty_boost} with text_dim {self.text_dim}"
             )
+        if (self.item_features or self.text_bias) and not self.text_dim:
+            raise ConfigError("item_features and text_bias need a text-aware model (text_dim > 0)")
         if self.text_only_loss < 0.0 or (self.text_only_loss and not self.text_dim):
             raise ConfigError("text_only_loss must be >= 0 and needs a text-aware model")
         if self.id_dropout_side not in ("both", "output"):
@@ -104,7 +115,10 @@ class SASRecConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SASRecConfig:
-        return cls(**_known(cls, raw))
+        known = _known(cls, raw)
+        if "feature_genres" in known:  # a list in JSON
+            known["feature_genres"] = tuple(known["feature_genres"])
+        return cls(**known)
 
 
 @dataclass(frozen=True)

@@ -133,10 +133,12 @@ def sequence_loss(
     ahead = [targets] + [F.pad(targets[:, j:], (0, j)) for j in range(1, future)]
     upcoming = torch.stack(ahead, dim=-1).reshape(-1, future)[real]  # (T, K)
     weights = (future_decay ** torch.arange(future, dtype=hidden.dtype)) * (upcoming != 0)
-    output = model.item_vectors()  # (N + 1, D), the tied output layer
+    output, bias = model.output_layer()  # (N + 1, D), the tied output layer; (N + 1,) or None
+    if bias is not None:  # a bias column against a column of ones in every hidden row
+        output = torch.cat([output, bias.unsqueeze(1)], dim=1)  # (N + 1, D + 1)
     columns = model.softmax_items()
     if columns is not None:  # a softmax over some items only: targets renumbered to its columns
-        output = output[columns]  # (C, D)
+        output = output[columns]  # (C, D [+ 1])
         renumber = torch.zeros(len(model.item_emb.weight), dtype=torch.int64)
         renumber[columns] = torch.arange(len(columns))
         upcoming = renumber[upcoming]  # (T, K); targets are always among the columns
@@ -144,7 +146,11 @@ def sequence_loss(
     # the output layer on padded windows (DESIGN.md).
     rows = hidden.reshape(-1, hidden.shape[-1])[real]  # (T, D)
     weights = weights / weights.sum(dim=1, keepdim=True)  # (T, K)
+    plain = rows
+    if bias is not None:
+        rows = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1)  # (T, D + 1)
     loss = full_softmax_ce(rows, output, upcoming, label_smoothing, weights)
+    rows = plain
     text_weight = model.cfg.text_only_loss
     text_only = model.text_only_vectors() if text_weight else None
     if text_only is not None:  # the same targets against every item's text-alone form

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.item_text import feature_dim
 from model.config import SASRecConfig
 from model.errors import ConfigError
 
@@ -132,6 +133,11 @@ class SASRec(nn.Module):
         subclass trains the two sides differently (they are equal outside training)."""
         return self.item_vectors()
 
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training softmax's output layer: item_vectors() (N + 1, D) and a per-item score
+        bias (N + 1,) or None, from one draw of any training-time randomness (ID dropout)."""
+        return self.item_vectors(), None
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., D) -> scores (..., num_items + 1); column 0 is padding."""
         scores = hidden @ self.item_vectors().T
@@ -219,9 +225,14 @@ class TextSASRec(SASRec):
             raise ConfigError("TextSASRec needs text_dim >= 1")
         super().__init__(cfg)
         n = cfg.num_items + 1
-        self.text_proj = nn.Linear(cfg.text_dim, cfg.d_model)
-        self.text_gate = nn.Linear(cfg.text_dim, 1) if cfg.text_combine == "gate" else None
-        self.cold_proj = nn.Linear(cfg.text_dim, cfg.d_model) if cfg.cold_proj else None
+        # What an item's text gives the model: its embedding, then (cfg.item_features) the
+        # features parsed from the same text (export/item_text.py item_features).
+        width = cfg.text_dim + (feature_dim(cfg.feature_genres) if cfg.item_features else 0)
+        self.text_proj = nn.Linear(width, cfg.d_model)
+        self.text_gate = nn.Linear(width, 1) if cfg.text_combine == "gate" else None
+        self.cold_proj = nn.Linear(width, cfg.d_model) if cfg.cold_proj else None
+        # cfg.text_bias: a score bias of each item without a trained ID, from its text.
+        self.text_bias = nn.Linear(width, 1) if cfg.text_bias else None
         self.unknown = nn.Parameter(torch.zeros(cfg.d_model))  # (D,)
         # The text part of an item without a trained ID is scaled by this learned factor: with
         # nothing else to tell items apart, its text may need a sharper say than beside an ID.
@@ -229,13 +240,17 @@ class TextSASRec(SASRec):
         for layer in (self.text_proj, self.text_gate, self.cold_proj):
             if layer is not None:
                 _init_weights(layer)
+        if self.text_bias is not None:  # starts as no bias at all
+            nn.init.zeros_(self.text_bias.weight)
+            nn.init.zeros_(self.text_bias.bias)
         # Buffers, so checkpoints and the ONNX graph carry them; filled by set_text/set_known.
-        self.register_buffer("text_emb", torch.zeros(n, cfg.text_dim))  # (N + 1, T)
+        self.register_buffer("text_emb", torch.zeros(n, width))  # (N + 1, T [+ F])
         self.register_buffer("known", torch.zeros(n, 1))  # (N + 1, 1)
 
     def set_text(self, table: np.ndarray) -> None:
-        """table (N + 1, text_dim): item index i's text embedding; row 0 is ignored."""
-        expected = (self.cfg.num_items + 1, self.cfg.text_dim)
+        """table (N + 1, text_dim [+ feature_dim]): item index i's text embedding, followed by
+        its item features when cfg.item_features; row 0 is ignored."""
+        expected = tuple(self.text_emb.shape)
         if table.shape != expected:
             raise ConfigError(f"text table {table.shape} does not fit the model's {expected}")
         with torch.no_grad():
@@ -249,10 +264,25 @@ class TextSASRec(SASRec):
             self.known[0] = 0.0
 
     def item_vectors(self) -> torch.Tensor:
+        return self._vectors(self._drawn_known())
+
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        known = self._drawn_known()  # one draw for the vectors and the bias
+        return self._vectors(known), self._text_bias(known)
+
+    def _drawn_known(self) -> torch.Tensor:
+        """known (N + 1, 1), less a fresh id_dropout share of the items in training."""
         known = self.known  # (N + 1, 1)
         if self.training and self.cfg.id_dropout > 0.0:
             known = known * (torch.rand_like(known) >= self.cfg.id_dropout)  # (N + 1, 1)
-        return self._vectors(known)
+        return known
+
+    def _text_bias(self, known: torch.Tensor) -> torch.Tensor | None:
+        """(N + 1,): the text bias of the items `known` says have no ID, 0 elsewhere."""
+        if self.text_bias is None:
+            return None
+        bias = self.text_bias(self.text_emb)[:, 0] * (1.0 - known[:, 0])  # (N + 1,)
+        return F.pad(bias[1:], (1, 0))  # padding 0
 
     def input_vectors(self) -> torch.Tensor:
         if self.cfg.id_dropout_side == "output":
@@ -278,14 +308,17 @@ class TextSASRec(SASRec):
         return F.pad(vectors[1:], (0, 0, 1, 0))  # (N + 1, D), row 0 = padding = zeros
 
     def score_bias(self) -> torch.Tensor | None:
-        """novelty_boost on the items without a trained ID (0 elsewhere, padding included)."""
-        if not self.cfg.novelty_boost or self.training:
+        """novelty_boost and the text bias on the items without a trained ID (0 elsewhere,
+        padding included)."""
+        if self.training or not (self.cfg.novelty_boost or self.text_bias is not None):
             return None
         return self._novelty_bias()
 
     def _novelty_bias(self) -> torch.Tensor:
         untrained = 1.0 - self.known[:, 0]  # (N + 1,)
-        return F.pad(untrained[1:] * self.cfg.novelty_boost, (1, 0))  # (N + 1,), padding 0
+        bias = F.pad(untrained[1:] * self.cfg.novelty_boost, (1, 0))  # (N + 1,), padding 0
+        text = self._text_bias(self.known)
+        return bias if text is None else bias + text
 
     def with_novelty_boost(self, boost: float) -> TextSASRec:
         """Set the scoring-time boost of items without a trained ID (config, so checkpoints and
@@ -310,11 +343,16 @@ class TextSASRec(SASRec):
         weight = proj.weight.T * scale  # (T, D)
         bias = proj.bias * scale + self.unknown  # (D,)
         extras = {
-            "item_text_emb": self.text_emb.detach().numpy().copy(),  # (N + 1, T)
-            "text_proj_w": weight.detach().numpy().copy(),  # (T, D)
+            # The embeddings alone: features are parsed again from the text where needed.
+            "item_text_emb": self.text_emb[:, : self.cfg.text_dim].detach().numpy().copy(),
+            "text_proj_w": weight.detach().numpy().copy(),  # (T [+ F], D)
             "text_proj_b": bias.detach().numpy().copy(),  # (D,)
         }
-        if self.cfg.novelty_boost:  # for serving that scores outside the graph (headless, ANN)
+        if self.text_bias is not None:  # [w, b]: a runtime item's bias is [t, f] @ w + b
+            w = torch.cat([self.text_bias.weight[0], self.text_bias.bias])  # (T [+ F] + 1,)
+            extras["text_bias"] = w.detach().numpy().astype(np.float32)
+        if self.cfg.novelty_boost or self.text_bias is not None:
+            # for serving that scores outside the graph (headless, ANN)
             extras["item_bias"] = self._novelty_bias().detach().numpy().astype(np.float32)
         return extras
 

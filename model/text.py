@@ -24,13 +24,29 @@ from pathlib import Path
 
 import numpy as np
 
-from export.item_text import MAX_TOKENS, TEXT_DIM, TEXT_FORMAT, item_text
+from export.item_text import (
+    MAX_TOKENS,
+    TEXT_DIM,
+    TEXT_FORMAT,
+    feature_dim,
+    genre_vocabulary,
+    item_features,
+    item_text,
+)
 from model.data import SequenceDataset, read_movies
 from model.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TEXT_DIM", "TEXT_ENCODER", "TEXT_FORMAT", "item_text", "text_table"]
+__all__ = [
+    "TEXT_DIM",
+    "TEXT_ENCODER",
+    "TEXT_FORMAT",
+    "dataset_genres",
+    "input_table",
+    "item_text",
+    "text_table",
+]
 
 TEXT_ENCODER = "all-MiniLM-L6-v2"
 CACHE_DIR = Path.home() / ".cache" / "streamrec" / "text"
@@ -115,6 +131,24 @@ def _encode(texts: Sequence[str], batch_size: int) -> np.ndarray:
         list(texts), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
     )
     return np.asarray(vectors, dtype=np.float32)  # (n, 384)
+
+
+def dataset_genres(dataset: SequenceDataset) -> tuple[str, ...]:
+    """The genre vocabulary of a data set's item texts (SASRecConfig.feature_genres)."""
+    return genre_vocabulary(dataset_texts(dataset))
+
+
+def input_table(
+    dataset: SequenceDataset, genres: Sequence[str] | None, cache_dir: Path | None = CACHE_DIR
+) -> np.ndarray:
+    """What TextSASRec.set_text takes: `text_table`, then with `genres` (cfg.item_features)
+    each item's features over them, (N + 1, 384 + feature_dim), row 0 zeros."""
+    table = text_table(dataset, cache_dir)
+    if genres is None:
+        return table
+    features = [item_features(text, genres) for text in dataset_texts(dataset)]
+    rows = [[0.0] * feature_dim(genres), *features]
+    return np.concatenate([table, np.asarray(rows, dtype=np.float32)], axis=1)
 
 
 def text_table(dataset: SequenceDataset, cache_dir: Path | None = CACHE_DIR) -> np.ndarray:

@@ -13,7 +13,7 @@ import math
 import os
 import pickle
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -293,11 +293,16 @@ def _fresh(dataset: SequenceDataset, model_cfg: SASRecConfig, cfg: TrainConfig) 
             f"model has {model_cfg.num_items} items, the data set {dataset.num_items}"
         )
     torch.manual_seed(cfg.seed)
+    if model_cfg.item_features and not model_cfg.feature_genres:
+        from model.text import dataset_genres
+
+        model_cfg = replace(model_cfg, feature_genres=dataset_genres(dataset))
     model = build_model(model_cfg)
     if isinstance(model, TextSASRec):
-        from model.text import text_table
+        from model.text import input_table
 
-        model.set_text(text_table(dataset))
+        genres = model_cfg.feature_genres if model_cfg.item_features else None
+        model.set_text(input_table(dataset, genres))
         trained = np.concatenate([np.zeros(1, np.int64), *train_sequences(dataset)])
         model.set_known(np.bincount(trained, minlength=dataset.num_items + 1) > 0)
     if cfg.init_from:

@@ -5,9 +5,10 @@ Every processor instance follows the whole compacted topic (a non-group consumer
 every partition from the beginning, like Kafka Streams' GlobalKTable) and polls it without
 blocking between batches. For an item the serving bundle does not know, the catalogue embeds
 its text (stream.text, the ONNX encoder) and maps it into the model's item space with the
-bundle's text projection (export/item_text.py: vector = text_emb @ W + b), then hands the
-vector to the scoring table (`add_items`). A tombstone withdraws an item (`remove_items`); an
-update of a runtime item replaces its vector; items of the bundle are never re-added.
+bundle's text projection (export/item_text.py: vector = [text_emb, features] @ W + b, and a
+score bias when the bundle has one), then hands both to the scoring table (`add_items`). A
+tombstone withdraws an item (`remove_items`); an update of a runtime item replaces its vector;
+items of the bundle are never re-added.
 
 An ID-only bundle has no projection: new items are kept (a later text-aware bundle places
 them on the swap), counted as unplaced, and logged once. Nothing here stops the processor.
@@ -29,7 +30,15 @@ import numpy.typing as npt
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from export.bundle import Bundle
-from export.item_text import TEXT_DIM, TEXT_FORMAT, TEXT_PROJ_B, TEXT_PROJ_W
+from export.item_text import (
+    TEXT_BIAS,
+    TEXT_DIM,
+    TEXT_FORMAT,
+    TEXT_PROJ_B,
+    TEXT_PROJ_W,
+    feature_dim,
+    item_features,
+)
 from stream.batch import dead_letter_headers, source_of
 from stream.codec import Invalid, ItemRecord, ItemTombstone, decode_item
 from stream.config import CodecLimits, KafkaSettings, ProcessorSettings
@@ -58,42 +67,65 @@ class ItemSink(Protocol):
     @property
     def dim(self) -> int | None: ...
 
-    def add_items(self, item_ids: Sequence[str], vectors: FloatArray) -> int: ...
+    def add_items(
+        self, item_ids: Sequence[str], vectors: FloatArray, bias: FloatArray | None = None
+    ) -> int: ...
 
     def remove_items(self, item_ids: Iterable[str]) -> None: ...
 
 
 @dataclass(frozen=True)
 class TextProjection:
-    """The bundle's map from a text embedding (384) to the model's item space (D)."""
+    """The bundle's map from an item's text to the model's item space (D): its text embedding
+    (384), then, for a model with item features, the features parsed from the same text
+    (export/item_text.py), through an affine map; and its score bias, when the bundle has one."""
 
-    weight: FloatArray  # (384, D)
+    weight: FloatArray  # (384 [+ F], D)
     bias: FloatArray  # (D,)
+    genres: tuple[str, ...] | None = None  # feature vocabulary; None: no item features
+    score: FloatArray | None = None  # (384 [+ F] + 1,) text_bias.npy: [w, b]
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> TextProjection | None:
         """None for an ID-only bundle; ConfigError for a text bundle this build cannot use."""
-        files = bundle.manifest.files
+        files, config = bundle.manifest.files, bundle.manifest.config
         if TEXT_PROJ_W not in files or TEXT_PROJ_B not in files:
             return None
         # The model config's text_format (model/config.py), as the manifest's config holds it.
-        found = bundle.manifest.config.get("text_format") or TEXT_FORMAT
+        found = config.get("text_format") or TEXT_FORMAT
         if found != TEXT_FORMAT:
             raise ConfigError(f"bundle item text format {found!r}; this build embeds {TEXT_FORMAT}")
-        weight = np.load(bundle.path / TEXT_PROJ_W).astype(np.float32)  # (384, D)
+        genres = tuple(config.get("feature_genres") or ()) if config.get("item_features") else None
+        width = TEXT_DIM + (0 if genres is None else feature_dim(genres))
+        weight = np.load(bundle.path / TEXT_PROJ_W).astype(np.float32)  # (width, D)
         bias = np.load(bundle.path / TEXT_PROJ_B).astype(np.float32)  # (D,)
-        if weight.ndim != 2 or weight.shape[0] != TEXT_DIM or bias.shape != (weight.shape[1],):
+        if weight.ndim != 2 or weight.shape[0] != width or bias.shape != (weight.shape[1],):
             raise ConfigError(
-                f"text projection {weight.shape} + {bias.shape} is not [{TEXT_DIM}, D] + [D]"
+                f"text projection {weight.shape} + {bias.shape} is not [{width}, D] + [D]"
             )
-        return cls(weight, bias)
+        score = None
+        if TEXT_BIAS in files:
+            score = np.load(bundle.path / TEXT_BIAS).astype(np.float32)  # (width + 1,)
+            if score.shape != (width + 1,):
+                raise ConfigError(f"text bias {score.shape} is not [{width + 1}]")
+        return cls(weight, bias, genres, score)
 
     @property
     def dim(self) -> int:
         return int(self.weight.shape[1])
 
-    def __call__(self, text_emb: FloatArray) -> FloatArray:
-        return (text_emb @ self.weight + self.bias).astype(np.float32)  # (M, 384) -> (M, D)
+    def __call__(
+        self, text_emb: FloatArray, texts: Sequence[str]
+    ) -> tuple[FloatArray, FloatArray | None]:
+        """(M, 384) embeddings of `texts` -> (M, D) vectors and (M,) score biases (or None)."""
+        inputs = text_emb  # (M, 384)
+        if self.genres is not None:
+            features = np.asarray([item_features(t, self.genres) for t in texts], np.float32)
+            inputs = np.concatenate([text_emb, features.reshape(len(texts), -1)], axis=1)
+        vectors = (inputs @ self.weight + self.bias).astype(np.float32)  # (M, D)
+        if self.score is None:
+            return vectors, None
+        return vectors, (inputs @ self.score[:-1] + self.score[-1]).astype(np.float32)  # (M,)
 
 
 @dataclass
@@ -191,7 +223,9 @@ class Catalogue:
         try:
             self._embed([i for i in item_ids if self._runtime[i].embedding is None], encoder)
             text_emb = np.stack([self._runtime[i].embedding for i in item_ids])  # type: ignore[misc]
-            self._sink.add_items(item_ids, self._projection(text_emb))  # (M, D)
+            texts = [self._runtime[i].text for i in item_ids]
+            vectors, bias = self._projection(text_emb, texts)  # (M, D), (M,) or None
+            self._sink.add_items(item_ids, vectors, bias)
         except StreamError as exc:
             # A failed encoder run or a table that refuses the vectors: the clicks go on.
             logger.error("could not place %d new items: %s", len(item_ids), exc)

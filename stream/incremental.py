@@ -134,8 +134,10 @@ class IncrementalScorer:
     ) -> tuple[FloatArray | None, FloatArray | None]:
         return self.full.score_hidden(item_seq, time_seq)
 
-    def add_items(self, item_ids: Sequence[str], vectors: FloatArray) -> int:
-        return self.full.add_items(item_ids, vectors)
+    def add_items(
+        self, item_ids: Sequence[str], vectors: FloatArray, bias: FloatArray | None = None
+    ) -> int:
+        return self.full.add_items(item_ids, vectors, bias)
 
     def remove_items(self, item_ids: Sequence[str]) -> None:
         self.full.remove_items(item_ids)

@@ -7,7 +7,7 @@ recommendable only: the model cannot embed them, so they never enter its window 
 kept in `seen`, so a user is not recommended what they clicked).
 
 Who calls what:
-    the catalogue follower (items topic)   add_items(ids, vectors), remove_items(ids)
+    the catalogue follower (items topic)   add_items(ids, vectors[, bias]), remove_items(ids)
     the processor, once per batch          view = table.view; view.index, view.ids,
                                            view.extend(scores, hidden), view.vectors
 Updates are copy-on-write: each one builds a new `TableView` and swaps it in with one
@@ -48,6 +48,8 @@ class TableView:
     # bundle_bias to their own columns; runtime items (never trained) get runtime_boost here.
     bundle_bias: FloatArray | None = None  # (N + 1,) item_bias.npy, when the bundle has it
     runtime_boost: float = 0.0  # manifest config novelty_boost
+    # (M,) each runtime item's own score bias (a bundle's text_bias.npy), or None: none
+    runtime_bias: FloatArray | None = None
 
     @property
     def width(self) -> int:
@@ -69,6 +71,8 @@ class TableView:
         extra = (hidden @ self.runtime.T).astype(np.float32, copy=False)  # (B, M)
         if self.runtime_boost:
             extra += np.float32(self.runtime_boost)
+        if self.runtime_bias is not None:
+            extra += self.runtime_bias
         return extra
 
     def extend(self, scores: FloatArray, hidden: FloatArray | None) -> FloatArray:
@@ -116,8 +120,11 @@ class ItemTable:
         v = self.view.bundle_vectors
         return None if v is None else int(v.shape[1])
 
-    def add_items(self, item_ids: Sequence[str], vectors: FloatArray) -> int:
-        """Add or replace runtime items; `vectors` (M, D) float32 in the model's item space.
+    def add_items(
+        self, item_ids: Sequence[str], vectors: FloatArray, bias: FloatArray | None = None
+    ) -> int:
+        """Add or replace runtime items; `vectors` (M, D) float32 in the model's item space,
+        `bias` (M,) each one's own score bias (a text bias; None: 0).
 
         An id of the bundle's own catalogue is skipped (its vector is inside the graph); a
         repeated runtime id replaces its vector and keeps its index; an id removed earlier
@@ -129,11 +136,16 @@ class ItemTable:
             raise ScoringError("the bundle has no item_vectors.npy; runtime items need one")
         if vectors.shape != (len(item_ids), dim):
             raise ScoringError(f"vectors {vectors.shape} do not match {len(item_ids)} ids × {dim}")
+        biases = np.zeros(len(item_ids), np.float32) if bias is None else np.asarray(bias, "f")
+        if biases.shape != (len(item_ids),):
+            raise ScoringError(f"bias {biases.shape} does not match {len(item_ids)} ids")
         old = self.view
         runtime = list(old.runtime)
+        offsets = list(np.zeros(len(runtime), np.float32) if old.runtime_bias is None
+                       else old.runtime_bias)  # fmt: skip
         ids, index = list(old.ids), dict(old.index)
         skipped = 0
-        for item_id, vector in zip(item_ids, vectors, strict=True):
+        for item_id, vector, offset in zip(item_ids, vectors, biases, strict=True):
             if item_id in self._bundle_index:
                 skipped += 1
                 continue
@@ -142,11 +154,14 @@ class ItemTable:
                 index[item_id] = len(ids)
                 ids.append(item_id)
                 runtime.append(vector)
+                offsets.append(offset)
             else:
                 runtime[at - old.num_model] = vector
+                offsets[at - old.num_model] = offset
         self._removed -= set(item_ids)
         stacked = np.asarray(runtime, dtype=np.float32).reshape(len(runtime), dim)  # (M, D)
-        self._publish(tuple(ids), index, stacked)
+        ahead = np.asarray(offsets, dtype=np.float32)  # (M,)
+        self._publish(tuple(ids), index, stacked, ahead if ahead.any() else None)
         if skipped:
             logger.debug("add_items: %d ids of the bundle's catalogue skipped", skipped)
         return skipped
@@ -159,12 +174,20 @@ class ItemTable:
         """
         self._removed |= {i for i in item_ids if i in self.view.index}
         old = self.view
-        self._publish(old.ids, old.index, old.runtime)
+        self._publish(old.ids, old.index, old.runtime, old.runtime_bias)
 
-    def _publish(self, ids: tuple[str, ...], index: dict[str, int], runtime: FloatArray) -> None:
+    def _publish(
+        self,
+        ids: tuple[str, ...],
+        index: dict[str, int],
+        runtime: FloatArray,
+        runtime_bias: FloatArray | None,
+    ) -> None:
         old = self.view
         mask = None
         if self._removed:
             mask = np.zeros(len(ids), dtype=np.bool_)
             mask[[index[i] for i in self._removed]] = True
-        self.view = replace(old, ids=ids, index=index, runtime=runtime, hidden_mask=mask)
+        self.view = replace(
+            old, ids=ids, index=index, runtime=runtime, hidden_mask=mask, runtime_bias=runtime_bias
+        )

@@ -102,10 +102,12 @@ class OnnxScorer:
         self.trims = window_axis_free(self._session)  # each call cut to its longest window
         self.items = load_item_table(bundle)
 
-    def add_items(self, item_ids: Sequence[str], vectors: FloatArray) -> int:
+    def add_items(
+        self, item_ids: Sequence[str], vectors: FloatArray, bias: FloatArray | None = None
+    ) -> int:
         if "hidden" not in self._outputs:
             raise ScoringError("model.onnx has no hidden output; re-export it to add items")
-        return self.items.add_items(item_ids, vectors)
+        return self.items.add_items(item_ids, vectors, bias)
 
     def remove_items(self, item_ids: Sequence[str]) -> None:
         self.items.remove_items(item_ids)

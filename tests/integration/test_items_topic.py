@@ -95,8 +95,10 @@ class Oracle:
         item_seq = np.zeros((1, self.bundle.max_len), dtype=np.int64)
         item_seq[0, self.bundle.max_len - len(window) :] = window
         scores, hidden = self.session.run(["scores", "hidden"], {"item_seq": item_seq})
-        new_vector = self.projection(self.encoder.encode([item.text()]))  # (1, D)
-        new_score = float((hidden @ new_vector.T)[0, 0])
+        new_vector, bias = self.projection(self.encoder.encode([item.text()]), [item.text()])
+        new_score = float((hidden @ new_vector.T)[0, 0])  # (1, D) vector
+        if bias is not None:
+            new_score += float(bias[0])
         scores = scores[0].copy()
         scores[[0, *window]] = -np.inf
         return 1 + int(np.sum(scores > new_score))

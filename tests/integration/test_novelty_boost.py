@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from export.bundle import ITEM_BIAS, Bundle, load_bundle
-from export.item_text import TEXT_DIM, TEXT_FORMAT
+from export.item_text import ITEM_TEXT_EMB, TEXT_BIAS, TEXT_DIM, TEXT_FORMAT
 from stream.config import ProcessorSettings
 from stream.incremental import make_scorer, rank_batch
 from stream.scoring import Scored, load_item_table
@@ -112,3 +112,56 @@ def test_serving_adds_the_boost_outside_the_graphs(bundles, tmp_path: Path) -> N
     best, scores = rank_batch(scorer, Scored(None, hidden, {}), seen, view, 10)
     np.testing.assert_array_equal(best, np.argsort(-truth, axis=1, kind="stable")[:, :10])
     np.testing.assert_allclose(scores, np.sort(truth, axis=1)[:, ::-1][:, :10], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def featured(
+    tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path
+) -> tuple[Bundle, np.ndarray, list[str]]:
+    """(boosted bundle of a model with item features and a text bias, held-out items, texts)."""
+    from export.onnx_export import export_bundle
+    from model.config import SASRecConfig, TrainConfig
+    from model.data import cold_start_split, load_dataset
+    from model.text import dataset_texts
+    from model.train import train
+
+    dataset, held = cold_start_split(load_dataset(f"synthetic:{synthetic_dir}"), 0.1, seed=0)
+    model_cfg = SASRecConfig(
+        num_items=dataset.num_items, max_len=12, d_model=16, text_dim=TEXT_DIM,
+        text_encoder="sentence-transformers/all-MiniLM-L6-v2", text_format=TEXT_FORMAT,
+        id_dropout=0.2, item_features=True, text_bias=True,
+    )  # fmt: skip
+    work = tmp_path_factory.mktemp("featured")
+    ckpt = train(dataset, model_cfg, TrainConfig(epochs=1, batch_size=64, threads=1), work,
+                 progress=False)  # fmt: skip
+    bundle = load_bundle(export_bundle(ckpt, work / "bundle", novelty_boost=BOOST))
+    return bundle, held, dataset_texts(dataset)
+
+
+def test_a_text_bias_is_in_every_score_of_an_untrained_item_and_in_serving(featured) -> None:
+    """The graphs add boost + text bias to the held-out items; serving, given the same text,
+    builds the same vector and the same bias for a runtime item (stream.catalogue)."""
+    from stream.catalogue import TextProjection
+
+    bundle, held, texts = featured
+    genres = bundle.manifest.config["feature_genres"]
+    assert bundle.manifest.config["item_features"] and len(genres) > 1  # filled by training
+    assert TEXT_BIAS in bundle.manifest.files
+    bias = np.load(bundle.path / ITEM_BIAS)
+    untrained = np.zeros(bundle.num_items + 1, bool)
+    untrained[held] = True
+    assert np.all(bias[~untrained] == 0)
+    projection = TextProjection.from_bundle(bundle)
+    assert projection is not None and projection.genres == tuple(genres)
+    emb = np.load(bundle.path / ITEM_TEXT_EMB)[held]  # (H, 384)
+    vectors, text_bias = projection(emb, [texts[i - 1] for i in held])
+    assert text_bias is not None and np.ptp(text_bias) > 0  # a bias per item, not a constant
+    np.testing.assert_allclose(bias[held], text_bias + BOOST, rtol=1e-5, atol=1e-5)
+    table = np.load(bundle.path / "item_vectors.npy")
+    np.testing.assert_allclose(vectors, table[held], rtol=1e-4, atol=1e-4)
+    seq = windows(bundle.num_items)
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    scores, hidden = session.run(["scores", "hidden"], {"item_seq": seq})
+    np.testing.assert_allclose(scores, hidden @ table.T + bias, rtol=1e-4, atol=1e-4)
+    prefill = run(bundle, bundle.path / "prefill.onnx", {"item_seq": seq})
+    np.testing.assert_allclose(prefill, scores, rtol=1e-4, atol=1e-4)  # the step graphs too

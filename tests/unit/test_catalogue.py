@@ -13,7 +13,15 @@ import orjson
 import pytest
 
 from export.bundle import Bundle, load_bundle, write_bundle
-from export.item_text import TEXT_DIM, TEXT_PROJ_B, TEXT_PROJ_W, item_text
+from export.item_text import (
+    TEXT_BIAS,
+    TEXT_DIM,
+    TEXT_PROJ_B,
+    TEXT_PROJ_W,
+    feature_dim,
+    item_features,
+    item_text,
+)
 from stream.catalogue import Catalogue, TextProjection
 from stream.codec import Invalid, ItemRecord, ItemTombstone, decode_item
 from stream.config import CodecLimits
@@ -32,29 +40,47 @@ class RecordingSink:
     def __init__(self, dim: int | None = D) -> None:
         self.dim = dim
         self.vectors: dict[str, np.ndarray] = {}
+        self.bias: dict[str, float] = {}
         self.removed: list[str] = []
         self.add_calls = 0
 
-    def add_items(self, item_ids: Sequence[str], vectors: np.ndarray) -> int:
+    def add_items(
+        self, item_ids: Sequence[str], vectors: np.ndarray, bias: np.ndarray | None = None
+    ) -> int:
         self.add_calls += 1
-        for item_id, vector in zip(item_ids, vectors, strict=True):
+        for k, (item_id, vector) in enumerate(zip(item_ids, vectors, strict=True)):
             self.vectors[item_id] = vector
+            if bias is not None:
+                self.bias[item_id] = float(bias[k])
         return 0
 
     def remove_items(self, item_ids: Iterable[str]) -> None:
         self.removed += list(item_ids)
 
 
-def make_bundle(root: Path, *, text: bool = True, proj_dim: int = D, seed: int = 0) -> Bundle:
+GENRES = ("Action", "Crime")
+
+
+def make_bundle(
+    root: Path, *, text: bool = True, proj_dim: int = D, seed: int = 0, features: bool = False
+) -> Bundle:
+    """A bundle with a random text projection; `features`: over [text, item features], with a
+    text bias (a model trained with item_features and text_bias)."""
     rng = np.random.default_rng(seed)
     (root / "src").mkdir(parents=True, exist_ok=True)
     model = root / "src" / "model.onnx"
     model.write_bytes(b"not used by the catalogue")
     extra = {}
+    config: dict[str, object] = {"text_dim": TEXT_DIM, "text_format": "title-genres/1"}
+    width = TEXT_DIM + (feature_dim(GENRES) if features else 0)
     if text:
-        np.save(root / "src" / TEXT_PROJ_W, rng.standard_normal((TEXT_DIM, proj_dim), np.float32))
+        np.save(root / "src" / TEXT_PROJ_W, rng.standard_normal((width, proj_dim), np.float32))
         np.save(root / "src" / TEXT_PROJ_B, rng.standard_normal(proj_dim).astype(np.float32))
         extra = {name: root / "src" / name for name in (TEXT_PROJ_W, TEXT_PROJ_B)}
+    if text and features:
+        np.save(root / "src" / TEXT_BIAS, rng.standard_normal(width + 1).astype(np.float32))
+        extra[TEXT_BIAS] = root / "src" / TEXT_BIAS
+        config |= {"item_features": True, "feature_genres": list(GENRES), "text_bias": True}
     path = write_bundle(
         root / "bundle",
         model_file=model,
@@ -62,7 +88,7 @@ def make_bundle(root: Path, *, text: bool = True, proj_dim: int = D, seed: int =
         model_name="test",
         model_version=f"test-{seed}",
         max_len=5,
-        config={"text_dim": TEXT_DIM, "text_format": "title-genres/1"} if text else {},
+        config=config if text else {},
         extra_files=extra,
     )
     return load_bundle(path)
@@ -94,8 +120,9 @@ def test_new_items_get_the_projected_text_embedding(
     catalogue.apply([heat, ItemRecord("i1", "Crimson Harbor (1990)")])
     assert set(sink.vectors) == {"n1"}, "bundle items are never re-added"
     assert heat.text() == item_text("Heat (1995)", "Action|Crime")
-    expected = projection(encoder.encode([heat.text()]))[0]
+    expected = projection(encoder.encode([heat.text()]), [heat.text()])[0][0]
     np.testing.assert_allclose(sink.vectors["n1"], expected, rtol=1e-5, atol=1e-5)
+    assert sink.bias == {}, "a bundle without text_bias.npy gives runtime items no bias"
     assert catalogue.runtime_items == {"n1": heat.text()}
     assert metrics.registry.get_sample_value("streamrec_runtime_items") == 1
     assert unplaced(metrics) == 0
@@ -146,7 +173,7 @@ def test_a_model_swap_places_every_runtime_item_again_in_the_new_space(
     assert set(new.vectors) == {"n1", "n2"}
     projection = TextProjection.from_bundle(new_bundle)
     assert projection is not None
-    expected = projection(encoder.encode(["Heat (1995)"]))[0]
+    expected = projection(encoder.encode(["Heat (1995)"]), ["Heat (1995)"])[0][0]
     np.testing.assert_allclose(new.vectors["n1"], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -234,3 +261,22 @@ def test_item_records_and_tombstones_decode() -> None:
     # The year joins the title unless the title carries it already (as catalogue titles do).
     assert ItemRecord("n1", "Heat", year=1995).text() == "Heat (1995)"
     assert ItemRecord("n1", "Heat (1995)", year=1995).text() == "Heat (1995)"
+
+
+def test_item_features_and_the_text_bias_follow_the_bundle(
+    tmp_path: Path, encoder: TextEncoder, metrics: ProcessorMetrics
+) -> None:
+    """A bundle trained with item features maps [text_emb, features of the same text] and gives
+    each runtime item its own score bias: the rows the model itself has for such an item."""
+    bundle = make_bundle(tmp_path, features=True)
+    catalogue, sink = Catalogue(encoder.path, metrics), RecordingSink()
+    catalogue.attach(bundle, sink)
+    heat = ItemRecord("n1", "Heat", ("Action", "Crime", "Thriller"), 1995)
+    catalogue.apply([heat])
+    text = heat.text()
+    x = np.concatenate([encoder.encode([text])[0], item_features(text, GENRES)])
+    w, b = (np.load(bundle.path / name) for name in (TEXT_PROJ_W, TEXT_PROJ_B))
+    np.testing.assert_allclose(sink.vectors["n1"], x @ w + b, rtol=1e-4, atol=1e-4)
+    score = np.load(bundle.path / TEXT_BIAS)
+    assert sink.bias["n1"] == pytest.approx(float(x @ score[:-1] + score[-1]), rel=1e-4, abs=1e-4)
+    assert item_features(text, GENRES)[-2:] == [1.0, 1.0]  # Thriller is outside the vocabulary

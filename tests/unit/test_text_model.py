@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from export.item_text import feature_dim, item_features
 from model.config import SASRecConfig
 from model.errors import ConfigError
 from model.sasrec import SASRec, TextSASRec, TimeFeatures, build_model, log_bucket
@@ -302,3 +303,65 @@ def test_unseen_combine_is_the_id_only_model_for_known_items():
     extras = model.bundle_extras()  # unseen items: their text alone, as runtime items are
     expected = extras["item_text_emb"][9:] @ extras["text_proj_w"] + extras["text_proj_b"]
     np.testing.assert_allclose(vectors[9:].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def featured_model(id_dropout: float = 0.0) -> TextSASRec:
+    """Items 1-8 trained, 9-12 not; [text, item features] inputs, a text bias, a boost."""
+    torch.manual_seed(0)
+    genres = ("Action", "Drama")
+    cfg = SASRecConfig(
+        num_items=N, max_len=L, d_model=D, n_blocks=1, n_heads=1, dropout=0.0, text_dim=T,
+        text_combine="unseen", item_features=True, feature_genres=genres, text_bias=True,
+        novelty_boost=0.5, id_dropout=id_dropout, id_dropout_side="output",
+    )  # fmt: skip
+    model = build_model(cfg)
+    assert isinstance(model, TextSASRec)
+    texts = [item_text(f"Film {i} ({1940 + 5 * i})", "Action|Drama"[: 3 + i]) for i in range(N)]
+    rng = np.random.default_rng(1)
+    table = np.concatenate(
+        [rng.normal(size=(N, T)), [item_features(t, genres) for t in texts]], axis=1
+    )
+    model.set_text(np.concatenate([np.zeros((1, T + feature_dim(genres))), table]))
+    model.set_known(np.arange(N + 1) <= 8)
+    assert model.text_bias is not None
+    with torch.no_grad():
+        model.text_bias.weight.normal_()
+        model.text_bias.bias.fill_(0.3)
+    return model
+
+
+def test_text_bias_and_item_features_score_the_untrained_items_only():
+    model = featured_model().eval()
+    extras = model.bundle_extras()
+    x = model.text_emb.numpy()  # (N + 1, T + F): embeddings, then the features
+    assert extras["item_text_emb"].shape == (N + 1, T)  # the embeddings alone
+    assert extras["text_proj_w"].shape == (x.shape[1], D)
+    w = extras["text_bias"]
+    expected = np.zeros(N + 1, np.float32)
+    expected[9:] = 0.5 + x[9:] @ w[:-1] + w[-1]  # boost + the text bias
+    with torch.no_grad():
+        bias = model.score_bias()
+        assert bias is not None
+        np.testing.assert_allclose(bias.numpy(), expected, rtol=1e-5, atol=1e-5)
+        vectors = model.item_vectors().numpy()
+    np.testing.assert_allclose(extras["item_bias"], expected, rtol=1e-5, atol=1e-5)
+    # an untrained item is what serving builds for a runtime item of the same text
+    runtime = x[9:] @ extras["text_proj_w"] + extras["text_proj_b"]
+    np.testing.assert_allclose(vectors[9:], runtime, rtol=1e-5, atol=1e-5)
+
+
+def test_training_draws_one_id_dropout_mask_for_vectors_and_bias():
+    model = featured_model(id_dropout=0.5).train()
+    vectors, bias = model.output_layer()
+    assert bias is not None
+    dropped = ~torch.isclose(vectors[1:9], model.item_emb.weight[1:9]).all(dim=1)
+    assert 0 < int(dropped.sum()) < 8  # seeded: some of the 8 trained IDs are hidden
+    assert torch.equal(bias[1:9] != 0, dropped)  # a dropped ID gets its text bias, a kept one 0
+    assert bool((bias[9:] != 0).all()) and float(bias[0].detach()) == 0.0
+    assert model.score_bias() is None  # no boost in training
+    from model.loss import sequence_loss
+
+    loss = sequence_loss(model, pad([1, 2, 3, 4, 5]), pad([2, 3, 4, 5, 6]))
+    loss.backward()
+    assert model.text_bias is not None and model.text_bias.weight.grad is not None
+    assert float(model.text_bias.weight.grad.abs().sum()) > 0  # the bias learns from the softmax
