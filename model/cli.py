@@ -51,6 +51,14 @@ def _add_train(subparsers: Any) -> None:
         help="drop IDs in the input windows and the softmax, or in the softmax only",
     )  # fmt: skip
     p.add_argument(
+        "--item-features", action="store_true",
+        help="text models: also read the year and genres parsed from each item's text",
+    )  # fmt: skip
+    p.add_argument(
+        "--text-bias", action="store_true",
+        help="text models: a learned score bias for items without a trained ID, from their text",
+    )  # fmt: skip
+    p.add_argument(
         "--text-only-loss", type=float, default=0.0,
         help="weight of a second softmax over every item's text-alone form (text models)",
     )  # fmt: skip
@@ -89,7 +97,8 @@ def _add_train(subparsers: Any) -> None:
     )  # fmt: skip
     p.add_argument(
         "--trainable", default="",
-        help="comma-separated parameter prefixes to train, the rest frozen (text_proj,unknown)",
+        help="comma-separated parameter prefixes to train, the rest frozen "
+        "(text_proj,unknown,text_bias)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
@@ -166,6 +175,8 @@ def train_from_args(args: argparse.Namespace) -> Path | None:
             id_dropout=args.id_dropout,
             id_dropout_side=args.id_dropout_side,
             text_only_loss=args.text_only_loss,
+            item_features=args.item_features,
+            text_bias=args.text_bias,
             time_buckets=args.time_buckets,
             session_gap_s=args.session_gap,
             **(text if args.text else {}),

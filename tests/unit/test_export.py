@@ -13,6 +13,7 @@ import torch
 from export.bundle import load_bundle
 from export.cli import add_commands as add_export_commands
 from export.errors import BundleIntegrityError, ParityError
+from export.item_text import YEAR_EDGES
 from export.onnx_export import check_parity, export_onnx, parity_windows
 from model.cli import add_commands as add_model_commands
 from model.config import SASRecConfig
@@ -145,3 +146,18 @@ def test_cli_trains_and_prints_a_summary(tmp_path: Path, capsys):
     assert summary["best_epoch"] in (1, 2)
     assert summary["test"]["users"] == 30
     assert _run_cli(["train", "--data", "synthetic:/nope", "--out", str(tmp_path / "x")]) == 1
+
+
+def test_cli_trains_a_text_model_with_item_features_and_a_text_bias(tmp_path: Path, capsys):
+    data = chain_dataset_dir(tmp_path / "data")
+    argv = ["train", "--data", f"synthetic:{data}", "--out", str(tmp_path / "run"), "--epochs", "1"]
+    argv += ["--max-len", "6", "--d-model", "16", "--text", "--item-features", "--text-bias"]
+    assert _run_cli([*argv, "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)
+    cfg = ckpt["model_config"]
+    assert cfg["item_features"] and cfg["text_bias"]
+    assert cfg["feature_genres"] == ("Drama",)  # the catalogue's genres, filled by training
+    width = 384 + len(YEAR_EDGES) + 1 + 1  # the text embedding, year buckets, genres
+    assert ckpt["state_dict"]["text_bias.weight"].shape == (1, width)
+    assert ckpt["state_dict"]["text_proj.weight"].shape == (16, width)
