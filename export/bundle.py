@@ -17,9 +17,11 @@ A bundle is a directory:
                     write it, hand-built bundles may lack it. Models may add more `<name>.npy`.
     item_bias.npy   float32 [num_items + 1] (optional) = b, added to every score (scores =
                     hidden @ V.T + b): text-aware models' novelty boost on the items without a
-                    trained ID. The graphs add it themselves; serving adds it where it scores
-                    outside them (headless bundles), and adds manifest config `novelty_boost`
-                    to the items it adds at run time (stream/itemtable.py).
+                    trained ID, plus their text bias when the model has one. The graphs add it
+                    themselves; serving adds it where it scores outside them (headless
+                    bundles), and adds manifest config `novelty_boost` (and each item's own
+                    text bias, export/item_text.py) to the items it adds at run time
+                    (stream/itemtable.py).
 
 Models whose positions count from the first item of the window also carry the incremental
 pair, declared in the manifest's optional `step` section (see StepSpec):
