@@ -6,6 +6,7 @@ Only the block between the two markers below is rewritten; everything else in BE
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -172,15 +173,15 @@ def plot_section(report: dict[str, Any], path: Path) -> Path | None:
     if not result:
         return None
     if report["section"] == "cold":
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        names = [r["model"] for r in result["rows"]]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        names = [_short_label(r["model"]) for r in result["rows"]]
         for ax, group in zip(axes, ("cold", "warm"), strict=True):
             for shift, metric in ((-0.2, "hr@10"), (0.2, "ndcg@10")):
                 values = [r[group]["test"][metric] for r in result["rows"]]
                 ax.bar([i + shift for i in range(len(names))], values, width=0.4, label=metric)
             if group == "cold":
                 ax.axhline(result["chance_hr@10"], color="gray", ls=":", label="chance HR@10")
-            ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+            ax.set_xticks(range(len(names)), names, fontsize=7)
             top = max(r[group]["test"]["hr@10"] for r in result["rows"])
             ax.set_ylim(0, 1.45 * max(top, result["chance_hr@10"], 1e-3))  # room for the legend
             ax.set(title=f"{group} test cases", ylabel="test metric")
@@ -204,6 +205,15 @@ def plot_section(report: dict[str, Any], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=7)
     return _finish(fig, path)
+
+
+def _short_label(model: str) -> str:
+    """A row's model name as an axis label: the text heads by what they read, wrapped."""
+    if "text head with" in model:
+        model = "SASRec + text head (year, genres, bias)"
+    elif "text head" in model:
+        model = "SASRec + text head"
+    return textwrap.fill(model, 16)
 
 
 def _meta_lines(report: dict[str, Any], json_path: Path, png: Path | None) -> list[str]:
@@ -300,8 +310,9 @@ def render_cold(report: dict[str, Any], json_path: Path, png: Path | None) -> st
         for r in sasrec:
             if "head" in r:
                 h = r["head"]["config"]
+                bias = ", `text_bias`" if h.get("text_bias") else ""
                 what = (
-                    f"the text head (`text_proj`, `unknown`, `unknown_scale`) on the frozen "
+                    f"the text head (`text_proj`, `unknown`, `unknown_scale`{bias}) on the frozen "
                     f"{r['head_on']} model of the same split (its training time is that row's)"
                     if r.get("head_on")
                     else "the cold head (`cold_proj`, `unknown`, `unknown_scale`; everything "
