@@ -146,11 +146,8 @@ def sequence_loss(
     # the output layer on padded windows (DESIGN.md).
     rows = hidden.reshape(-1, hidden.shape[-1])[real]  # (T, D)
     weights = weights / weights.sum(dim=1, keepdim=True)  # (T, K)
-    plain = rows
-    if bias is not None:
-        rows = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1)  # (T, D + 1)
-    loss = full_softmax_ce(rows, output, upcoming, label_smoothing, weights)
-    rows = plain
+    scored = rows if bias is None else torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1)
+    loss = full_softmax_ce(scored, output, upcoming, label_smoothing, weights)  # (T, D [+ 1])
     text_weight = model.cfg.text_only_loss
     text_only = model.text_only_vectors() if text_weight else None
     if text_only is not None:  # the same targets against every item's text-alone form

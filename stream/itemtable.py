@@ -160,8 +160,8 @@ class ItemTable:
                 offsets[at - old.num_model] = offset
         self._removed -= set(item_ids)
         stacked = np.asarray(runtime, dtype=np.float32).reshape(len(runtime), dim)  # (M, D)
-        ahead = np.asarray(offsets, dtype=np.float32)  # (M,)
-        self._publish(tuple(ids), index, stacked, ahead if ahead.any() else None)
+        runtime_bias = np.asarray(offsets, dtype=np.float32)  # (M,)
+        self._publish(tuple(ids), index, stacked, runtime_bias if runtime_bias.any() else None)
         if skipped:
             logger.debug("add_items: %d ids of the bundle's catalogue skipped", skipped)
         return skipped

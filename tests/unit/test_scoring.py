@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from export.bundle import window_len
 from stream.codec import RecommendedItem, encode_recommendation
@@ -136,6 +137,23 @@ def test_runtime_items_are_scored_out_of_the_graph_and_removed_ones_never_come_b
     scores = new.extend(np.zeros((1, 5), np.float32), hidden)
     assert scores[0, 5] == 5.0 and scores[0, 6] == -np.inf and scores[0, 1] == -np.inf
     assert view.width == 7 and view.hidden_mask is None, "an old view never changes"
+
+
+def test_each_runtime_item_keeps_its_own_bias_until_it_is_replaced() -> None:
+    items = table(4)
+    vectors = np.array([[1, 0, 0], [0, 1, 0]], "f")
+    items.add_items(["x", "y"], vectors, np.array([0.5, -1.0], "f"))
+    items.add_items(["z"], np.array([[0, 0, 1]], "f"))  # no bias: 0, the others keep theirs
+    hidden = np.array([[1.0, 1.0, 1.0]], np.float32)
+    view = items.view
+    assert view.runtime_scores(hidden).tolist() == [[1.5, 0.0, 1.0]]
+    items.add_items(["x"], vectors[:1])  # a replacement carries its own bias (none)
+    assert items.view.runtime_scores(hidden).tolist() == [[1.0, 0.0, 1.0]]
+    items.add_items(["y"], vectors[1:])
+    assert items.view.runtime_bias is None  # no bias left: nothing added per score
+    assert view.runtime_scores(hidden).tolist() == [[1.5, 0.0, 1.0]], "an old view never changes"
+    with pytest.raises(ScoringError, match="bias"):
+        items.add_items(["w"], vectors[:1], np.zeros(2, "f"))
 
 
 def test_isolate_failures_bisects_to_the_rejected_rows() -> None:
