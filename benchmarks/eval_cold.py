@@ -222,14 +222,13 @@ def run_cold(ds: SequenceDataset, plan: ColdPlan, work: Path, threads: int) -> d
     pairs: list[Pairs] = []
     out = run_split(ds, plan, plan.seed, variants(plan), work, threads, texts, pairs)
     if plan.more_seeds:
-        names = list(variants(plan))[:2]
-        first = {n: v for n, v in variants(plan).items() if n in names}
+        first = dict(list(variants(plan).items())[:2])  # ID only, the first text variant
         lighter = replace(plan, overall=False)
         seeds = [seed_summary(out, plan.seed)]
         for seed in plan.more_seeds:
             res = run_split(ds, lighter, seed, first, work / f"seed{seed}", threads, texts, pairs)
             seeds.append(seed_summary(res, seed))
-        out["seeds"] = {"per_seed": seeds, "pooled": pool(pairs, names[1])}
+        out["seeds"] = {"per_seed": seeds, "pooled": pool(pairs, list(first)[1])}
     return out
 
 

@@ -50,6 +50,7 @@ TEXT_PROJ_W: Final = "text_proj_w.npy"
 TEXT_PROJ_B: Final = "text_proj_b.npy"
 ITEM_TEXT_EMB: Final = "item_text_emb.npy"
 TEXT_BIAS: Final = "text_bias.npy"
+GENRES_SEP: Final = ". Genres: "  # between the title and the genre list in `item_text`
 # Release-year buckets of item_features: [< 1950], [1950, 1960), ..., [1999, 2000), [>= 2000].
 # Fine where most clicks are (recent releases), coarse for the old catalogue.
 YEAR_EDGES: Final = (1950, 1960, 1970, 1980, 1985, 1990, 1993, 1995, 1996, 1997, 1998, 1999, 2000)
@@ -71,17 +72,17 @@ def item_text(title: str, genres: str = "") -> str:
     """
     names = [g.strip() for g in genres.split("|") if g.strip()]
     title = title.strip()
-    return f"{title}. Genres: {', '.join(names)}" if names else title
+    return f"{title}{GENRES_SEP}{', '.join(names)}" if names else title
 
 
 def _genres_of(text: str) -> list[str]:
-    _, sep, tail = text.rpartition(". Genres: ")
+    _, sep, tail = text.rpartition(GENRES_SEP)
     return [g.strip() for g in tail.split(",") if g.strip()] if sep else []
 
 
 def _year_of(text: str) -> int | None:
     """The last "(YYYY)" of the title part, if any (titles may hold other parentheses)."""
-    title = text.rpartition(". Genres: ")[0] or text
+    title = text.rpartition(GENRES_SEP)[0] or text
     found = [int(m) for m in re.findall(r"\((\d{4})\)", title)]
     return found[-1] if found else None
 
